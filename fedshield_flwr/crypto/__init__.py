@@ -1,0 +1,1 @@
+"""fedshield_flwr/crypto."""

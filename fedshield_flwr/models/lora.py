@@ -1,0 +1,149 @@
+"""LoRA on any supported causal LM: per-architecture targets, adapter state, PEFT export.
+
+The adapter state that crosses the wire is an ordered ``dict[str, np.ndarray]`` of fp32 LoRA
+tensors keyed exactly as PEFT saves them (``...q_proj.lora_A.weight``), so an exported directory
+is a standard PEFT adapter and ``PeftModel.from_pretrained(base, dir)`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..config import LoraSettings
+
+# Attention projections per model_type; GPT-2 uses fused Conv1D layers (fan_in_fan_out).
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "phi3": ("qkv_proj", "o_proj"),
+    "gpt2": ("c_attn", "c_proj"),
+    "gpt_neox": ("query_key_value", "dense"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj"),
+}
+FAN_IN_FAN_OUT = {"gpt2"}
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter state does not fit the local model (names, shapes or dtype)."""
+
+
+def lora_config(model_type: str, settings: LoraSettings, base_path: str = ""):
+    """The ``peft.LoraConfig`` for a model type, with the per-architecture default targets."""
+    from peft import LoraConfig
+
+    targets = settings.target_modules or DEFAULT_TARGETS.get(model_type)
+    if not targets:
+        raise ValueError(
+            f"no default LoRA targets for model_type '{model_type}'; set "
+            "model.lora.target-modules (comma separated module names)"
+        )
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(targets),
+        fan_in_fan_out=model_type in FAN_IN_FAN_OUT,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_path or None,
+    )
+
+
+def apply_lora(model, settings: LoraSettings, seed: int = 0, base_path: str = ""):
+    """Wrap ``model`` with a freshly initialized LoRA adapter; initialization is seeded."""
+    import warnings
+
+    from peft import get_peft_model
+
+    cfg = lora_config(model.config.model_type, settings, base_path)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        # GPT-2's Conv1D: peft warns about fan_in_fan_out even when it is set correctly.
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        return get_peft_model(model, cfg)
+
+
+def get_adapter_state(peft_model) -> "OrderedDict[str, np.ndarray]":
+    """Trainable LoRA tensors as fp32 numpy arrays, in a deterministic order."""
+    from peft import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(peft_model)
+    return OrderedDict(
+        (k, sd[k].detach().to(torch.float32).cpu().numpy().copy()) for k in sorted(sd)
+    )
+
+
+def check_adapter_state(
+    expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], who: str
+) -> None:
+    """Raise :class:`AdapterMismatchError` naming ``who`` unless names, shapes, dtypes agree."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise AdapterMismatchError(
+            f"{who}: adapter tensor names differ (missing {missing[:3]}, unexpected {extra[:3]}, "
+            f"{len(missing)}/{len(extra)} in all); check that every party uses the same "
+            "model.name and model.lora.* settings"
+        )
+    for k, ref in expected.items():
+        arr = got[k]
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise AdapterMismatchError(
+                f"{who}: tensor '{k}' has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}; "
+                "check model.lora.r and model.name"
+            )
+        if arr.dtype != ref.dtype:
+            raise AdapterMismatchError(f"{who}: tensor '{k}' has dtype {arr.dtype}, expected {ref.dtype}")
+        if not np.all(np.isfinite(arr)):
+            raise AdapterMismatchError(f"{who}: tensor '{k}' contains NaN or Inf")
+
+
+def set_adapter_state(peft_model, state: Mapping[str, np.ndarray]) -> None:
+    """Load adapter tensors into ``peft_model`` after checking they fit it exactly."""
+    from peft import set_peft_model_state_dict
+
+    check_adapter_state(get_adapter_state(peft_model), state, "adapter")
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    result = set_peft_model_state_dict(peft_model, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise AdapterMismatchError(f"adapter keys not used by the model: {unexpected[:3]}")
+
+
+def export_adapter(
+    out_dir: str | os.PathLike,
+    state: Mapping[str, np.ndarray],
+    model_type: str,
+    settings: LoraSettings,
+    base_path: str = "",
+    extra_meta: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a standard PEFT adapter directory without needing the base model in memory."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lora_config(model_type, settings, base_path).save_pretrained(str(out))
+    meta = {"format": "pt", **(extra_meta or {})}
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()},
+              str(out / "adapter_model.safetensors"), metadata=meta)
+    return out
+
+
+def adapter_num_params(state: Mapping[str, np.ndarray]) -> int:
+    return int(sum(v.size for v in state.values()))
+
+
+def describe_adapter(state: Mapping[str, np.ndarray]) -> str:
+    return json.dumps({"tensors": len(state), "params": adapter_num_params(state)})
