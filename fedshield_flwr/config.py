@@ -9,8 +9,9 @@ strings. Unknown keys are kept in ``extra`` so that modes can add their own sect
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 STRATEGIES = ("fedavg", "shield", "lpp", "split")
 
@@ -232,3 +233,21 @@ class NodeSettings:
         _check(0 <= node.partition_id < max(node.num_partitions, 1), "partition-id",
                node.partition_id, f"must be in [0, num-partitions={node.num_partitions})")
         return node
+
+
+def default_flat_config(pyproject: str | None = None) -> dict[str, Any]:
+    """The app's default run config, flattened exactly as Flower flattens it.
+
+    Reads ``[tool.flwr.app.config]`` from the project's ``pyproject.toml`` (next to the package
+    in a checkout and inside an installed Flower app).
+    """
+    from pathlib import Path
+
+    import tomllib
+    from flwr.common.config import flatten_dict
+
+    path = Path(pyproject) if pyproject else Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not path.exists():
+        raise ConfigError(f"no pyproject.toml at {path} to read the default run config from")
+    doc = tomllib.loads(path.read_text())
+    return dict(flatten_dict(doc["tool"]["flwr"]["app"]["config"]))

@@ -46,6 +46,8 @@ def _pairs() -> tuple[tuple[str, str, str], ...]:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         category = path.stem
         for conv in doc.get("conversations") or []:
+            if not isinstance(conv, list):  # trivia.yml has one malformed (string) entry
+                continue
             turns = [_text(t) for t in conv if _text(t)]
             for q, a in zip(turns, turns[1:]):
                 out.append((q, a, category))

@@ -27,8 +27,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -178,7 +178,9 @@ def load_base_model(
     compute costs nothing extra per step.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     path = resolve_model_path(name, cache_dir)
     kwargs: dict = {"dtype": torch.float32}
     if quantization == 4:

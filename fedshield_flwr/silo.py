@@ -1,0 +1,115 @@
+"""What a silo holds between messages: tokenizer, base model + LoRA, its own data.
+
+In simulation one ClientApp process serves many messages (and several silos), so the runtime is
+cached per process and per (model, LoRA, data, node) settings; the adapter weights are replaced on
+every message. In deployment Flower starts a fresh process per message, so the first call pays
+for loading the base model from the on-disk cache (seconds, see ``models/load.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import NodeSettings, RunConfig
+from .data import SiloData, load_silo_data
+from .models import (
+    apply_lora,
+    get_adapter_state,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_path,
+    set_adapter_state,
+)
+from .train import EvalResult, TrainResult, cosine_lr, evaluate, train_lora
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiloRuntime:
+    """A loaded LoRA model and tokenizer; data is attached per node."""
+
+    model: object
+    tokenizer: object
+    model_path: str
+    load_seconds: float
+    data: dict[tuple, SiloData] = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def adapter_state(self) -> "OrderedDict[str, np.ndarray]":
+        return get_adapter_state(self.model)
+
+    def set_adapter(self, state: Mapping[str, np.ndarray]) -> None:
+        set_adapter_state(self.model, state)
+
+    def silo_data(self, cfg: RunConfig, node: NodeSettings) -> SiloData:
+        key = (cfg.data, node.partition_id, node.num_partitions, node.data_path, cfg.train.seed)
+        if key not in self.data:
+            self.data[key] = load_silo_data(cfg.data, node, self.tokenizer, cfg.train.seed)
+            log.info("silo data: %s -> %d train / %d eval rows", self.data[key].source,
+                     len(self.data[key].train), len(self.data[key].eval))
+        return self.data[key]
+
+
+_RUNTIMES: dict[tuple, SiloRuntime] = {}
+
+
+def get_runtime(cfg: RunConfig, node: NodeSettings | None = None) -> SiloRuntime:
+    """The cached runtime for this process and these model settings (built on first use).
+
+    The LoRA initialization is seeded with ``train.seed`` so every party that builds the
+    runtime holds the same initial adapter.
+    """
+    cache_dir = node.cache_dir if node and node.cache_dir else None
+    key = (cfg.model, cfg.train.seed, cache_dir)
+    if key not in _RUNTIMES:
+        t0 = time.time()
+        path = resolve_model_path(cfg.model.name, cache_dir)
+        tok = load_tokenizer(cfg.model.name, cache_dir)
+        base = load_base_model(cfg.model.name, cfg.model.quantization, cache_dir)
+        model = apply_lora(base, cfg.model.lora, seed=cfg.train.seed, base_path=path)
+        _RUNTIMES.clear()  # one model per process: free the previous one
+        _RUNTIMES[key] = SiloRuntime(model, tok, path, time.time() - t0)
+        log.info("loaded %s (+LoRA r=%d) in %.1f s", cfg.model.name, cfg.model.lora.r,
+                 _RUNTIMES[key].load_seconds)
+    return _RUNTIMES[key]
+
+
+def initial_adapter(cfg: RunConfig) -> "OrderedDict[str, np.ndarray]":
+    """The seeded initial LoRA adapter that every party derives identically."""
+    from .models.lora import apply_lora as _apply
+
+    base = load_base_model(cfg.model.name, 0)
+    return get_adapter_state(_apply(base, cfg.model.lora, seed=cfg.train.seed))
+
+
+def train_round(
+    rt: SiloRuntime, cfg: RunConfig, node: NodeSettings, server_round: int,
+    global_adapter: Mapping[str, np.ndarray],
+) -> TrainResult:
+    """Load the global adapter, train on this silo's data for one round."""
+    rt.set_adapter(global_adapter)
+    data = rt.silo_data(cfg, node)
+    lr = cosine_lr(server_round, cfg.num_server_rounds, cfg.train.learning_rate_max,
+                   cfg.train.learning_rate_min)
+    # Seed depends on round and silo: silos draw different batches, reruns draw the same.
+    seed = cfg.train.seed + 1000 * server_round + node.partition_id
+    return train_lora(rt.model, data.train, cfg.train, lr, rt.pad_id, seed,
+                      desc=f"silo {node.partition_id} round {server_round}")
+
+
+def evaluate_round(
+    rt: SiloRuntime, cfg: RunConfig, node: NodeSettings, adapter: Mapping[str, np.ndarray]
+) -> EvalResult:
+    rt.set_adapter(adapter)
+    data = rt.silo_data(cfg, node)
+    return evaluate(rt.model, data.eval, cfg.train.eval_batch_size, rt.pad_id)

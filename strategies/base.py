@@ -1,0 +1,215 @@
+"""The round loop every FedShield strategy shares, and reply validation helpers.
+
+Flower's ``Strategy.start`` runs rounds 1..N with no hook between rounds. Federated fine-tuning
+needs more: evaluation of the initial adapter on the silos (round 0), resuming at round k from a
+checkpoint, counting payload bytes up/down, timing each round, and a callback after every round
+(the ServerApp writes metrics and checkpoints there). :class:`RoundLoop` provides that and calls
+the strategy's usual hooks (``configure_train``/``aggregate_train``/``configure_evaluate``/
+``aggregate_evaluate``), so a strategy overrides only what differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedshield_flwr.wire import record_bytes
+
+log = logging.getLogger("fedshield.server")
+
+
+@dataclass
+class RoundRecord:
+    """What one round did; becomes a row of ``metrics.json``."""
+
+    round: int
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_perplexity: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+    replies: int = 0
+    failures: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_row(self) -> dict[str, Any]:
+        row = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        row.update(self.extra)
+        return row
+
+
+def split_replies(
+    replies: Iterable[Message], server_round: int, phase: str
+) -> tuple[list[Message], list[str]]:
+    """Drop error replies and duplicates (same node twice); return (kept, problems)."""
+    kept: list[Message] = []
+    problems: list[str] = []
+    seen: set[int] = set()
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            problems.append(f"silo node {node} failed {phase} in round {server_round}: "
+                            f"{msg.error.reason}")
+            continue
+        if node in seen:
+            problems.append(f"silo node {node} sent a duplicated {phase} reply in round "
+                            f"{server_round}; the first one is kept")
+            continue
+        seen.add(node)
+        kept.append(msg)
+    return kept, problems
+
+
+def check_reply_round(msg: Message, server_round: int, metrics_key: str = "metrics") -> None:
+    """Raise ``ValueError`` unless the reply says it belongs to ``server_round``."""
+    node = msg.metadata.src_node_id
+    if metrics_key not in msg.content.metric_records:
+        raise ValueError(f"silo node {node} sent no '{metrics_key}' MetricRecord in round "
+                         f"{server_round}")
+    got = msg.content.metric_records[metrics_key].get("server-round")
+    if got is None or int(got) != server_round:
+        raise ValueError(
+            f"silo node {node} replied for round {got} during round {server_round}; "
+            "the reply is stale or replayed and was dropped"
+        )
+
+
+def weighted_metric(replies: list[Message], key: str, weight_key: str = "num-examples",
+                    metrics_key: str = "metrics") -> float | None:
+    num, den = 0.0, 0.0
+    for msg in replies:
+        rec = msg.content.metric_records.get(metrics_key)
+        if rec is None or key not in rec:
+            continue
+        w = float(rec.get(weight_key, 1.0))
+        num += float(rec[key]) * w
+        den += w
+    return num / den if den > 0 else None
+
+
+TIMING_KEYS = ("load-seconds", "train-seconds", "serialize-seconds")
+
+
+def silo_timings(replies: list[Message], metrics_key: str = "metrics") -> dict[str, float]:
+    """Mean per-silo seconds (model load, training, (de)serialization) reported in replies."""
+    out: dict[str, float] = {}
+    for key in TIMING_KEYS:
+        vals = [float(m.content.metric_records[metrics_key][key]) for m in replies
+                if key in m.content.metric_records.get(metrics_key, {})]
+        if vals:
+            out["silo_" + key.replace("-", "_")] = sum(vals) / len(vals)
+    return out
+
+
+class RoundLoop:
+    """Mixin with :meth:`run`: the loop with resume, round 0, bytes and a per-round callback."""
+
+    last_train_replies: list[Message]
+    last_evaluate_replies: list[Message]
+
+    def _send(self, grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[list, int, int]:
+        messages = list(messages)
+        down = sum(record_bytes(m.content) for m in messages)
+        if not messages:
+            return [], down, 0
+        replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+        up = sum(record_bytes(r.content) for r in replies if not r.has_error())
+        return replies, down, up
+
+    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
+                       config: ConfigRecord, timeout: float, rec: RoundRecord) -> None:
+        replies, down, up = self._send(
+            grid, self.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid),
+            timeout)
+        rec.bytes_down += down
+        rec.bytes_up += up
+        self.last_evaluate_replies = replies
+        metrics = self.aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            rec.eval_loss = metrics.get("eval_loss")
+            rec.eval_perplexity = metrics.get("eval_perplexity")
+
+    def run(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int,
+        start_round: int = 1,
+        timeout: float = 3600.0,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        on_round_end: Callable[[RoundRecord, ArrayRecord], None] | None = None,
+        server_evaluate: Callable[[int, ArrayRecord], dict[str, Any]] | None = None,
+    ) -> ArrayRecord:
+        """Run rounds ``start_round..num_rounds``; round 0 (evaluation only) when starting fresh."""
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        arrays = initial_arrays
+        if start_round == 1:
+            t0 = time.time()
+            rec = RoundRecord(round=0)
+            self.evaluate_round(grid, 0, arrays, evaluate_config, timeout, rec)
+            if server_evaluate:
+                rec.extra.update(server_evaluate(0, arrays))
+            rec.seconds = time.time() - t0
+            log.info("[round 0/%d] eval_loss=%s ppl=%s (%.1f s)", num_rounds,
+                     _fmt(rec.eval_loss), _fmt(rec.eval_perplexity), rec.seconds)
+            if on_round_end:
+                on_round_end(rec, arrays)
+        for server_round in range(start_round, num_rounds + 1):
+            t0 = time.time()
+            rec = RoundRecord(round=server_round)
+            replies, down, up = self._send(
+                grid,
+                self.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid),
+                timeout,
+            )
+            rec.bytes_down += down
+            rec.bytes_up += up
+            self.last_train_replies = replies
+            new_arrays, metrics = self.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            else:
+                log.warning("round %d: no usable training reply; the global adapter is unchanged",
+                            server_round)
+            if metrics is not None:
+                rec.train_loss = metrics.get("train_loss")
+                rec.extra.update({k: v for k, v in metrics.items()
+                                  if k not in ("train_loss", "num-examples", "server-round")})
+            rec.replies = getattr(self, "accepted_replies", len(replies))
+            if rec.replies:
+                rec.extra["bytes_up_per_silo"] = rec.bytes_up // max(len(replies), 1)
+            rec.failures = getattr(self, "rejected_replies", 0)
+            self.evaluate_round(grid, server_round, arrays, evaluate_config, timeout, rec)
+            if server_evaluate:
+                rec.extra.update(server_evaluate(server_round, arrays))
+            rec.seconds = time.time() - t0
+            log.info(
+                "[round %d/%d] train_loss=%s eval_loss=%s ppl=%s up=%s down=%s silos=%d "
+                "dropped=%d (%.1f s)", server_round, num_rounds, _fmt(rec.train_loss),
+                _fmt(rec.eval_loss), _fmt(rec.eval_perplexity), _mb(rec.bytes_up),
+                _mb(rec.bytes_down), rec.replies, rec.failures, rec.seconds,
+            )
+            if on_round_end:
+                on_round_end(rec, arrays)
+        return arrays
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}MB"
+
+
+def metric_record(values: dict[str, Any]) -> MetricRecord:
+    return MetricRecord({k: v for k, v in values.items() if v is not None})

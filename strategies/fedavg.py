@@ -1,0 +1,135 @@
+"""``fedavg``: plain LoRA FedAvg, the baseline every privacy mode is measured against.
+
+Only LoRA tensors cross the wire, as an ``ArrayRecord``; the server averages them weighted by the
+number of examples each silo trained on. Every reply is validated on its own (round, names,
+shapes, dtype, finite values, duplicates): a bad reply is logged with the silo and the round and
+left out, and the round goes on with the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from fedshield_flwr.wire import PayloadError, decode_adapter, encode_arrays
+
+from .base import RoundLoop, check_reply_round, silo_timings, split_replies, weighted_metric
+
+log = logging.getLogger("fedshield.server")
+
+
+def weighted_average(
+    states: list[Mapping[str, np.ndarray]], weights: list[float]
+) -> "OrderedDict[str, np.ndarray]":
+    """Exact weighted mean of adapter states (accumulated in float64).
+
+    Contributions are summed in a canonical order (by weight, then content digest) so the result
+    does not depend on the order in which replies arrived: reruns are bit-identical.
+    """
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weighted_average: the weights sum to zero")
+
+    def digest(state: Mapping[str, np.ndarray]) -> str:
+        h = hashlib.sha256()
+        for v in state.values():
+            h.update(np.ascontiguousarray(v).tobytes())
+        return h.hexdigest()
+
+    order = sorted(range(len(states)), key=lambda i: (weights[i], digest(states[i])))
+    states = [states[i] for i in order]
+    weights = [weights[i] for i in order]
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for key in states[0]:
+        acc = np.zeros(states[0][key].shape, dtype=np.float64)
+        for state, w in zip(states, weights):
+            acc += state[key].astype(np.float64) * (w / total)
+        out[key] = acc.astype(np.float32)
+    return out
+
+
+class LoraFedAvg(RoundLoop, FedAvg):
+    """FedAvg over LoRA adapters with per-reply validation.
+
+    Parameters
+    ----------
+    template : Mapping[str, np.ndarray]
+        The adapter the silos must send back: names, shapes and dtypes are checked against it.
+    **kwargs
+        Passed to ``flwr.serverapp.strategy.FedAvg`` (fractions, minimum node counts).
+    """
+
+    def __init__(self, template: Mapping[str, np.ndarray], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.template = OrderedDict((k, np.asarray(v)) for k, v in template.items())
+        self.accepted_replies = 0
+        self.rejected_replies = 0
+        self.problems: list[str] = []
+
+    def validate_train_reply(self, msg: Message, server_round: int) -> tuple[dict, float]:
+        """Decoded adapter and weight of one reply, or :class:`PayloadError` naming the silo."""
+        node = msg.metadata.src_node_id
+        try:
+            check_reply_round(msg, server_round)
+        except ValueError as exc:
+            raise PayloadError(str(exc)) from exc
+        if "arrays" not in msg.content.array_records:
+            raise PayloadError(f"silo node {node} sent no 'arrays' in round {server_round}")
+        weight = float(msg.content.metric_records["metrics"].get("num-examples", 0))
+        if not weight > 0:
+            raise PayloadError(f"silo node {node} reported num-examples={weight} in round "
+                               f"{server_round}; it must be positive")
+        who = f"silo node {node} in round {server_round}"
+        return decode_adapter(msg.content.array_records["arrays"], self.template, who), weight
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept, problems = split_replies(replies, server_round, "train")
+        states, weights, good = [], [], []
+        for msg in kept:
+            try:
+                state, weight = self.validate_train_reply(msg, server_round)
+            except PayloadError as exc:
+                problems.append(str(exc))
+                continue
+            states.append(state)
+            weights.append(weight)
+            good.append(msg)
+        for p in problems:
+            log.warning("%s", p)
+        self.problems = problems
+        self.accepted_replies, self.rejected_replies = len(good), len(problems)
+        if not states:
+            return None, None
+        merged = weighted_average(states, weights)
+        metrics = MetricRecord({
+            "train_loss": float(weighted_metric(good, "train_loss") or 0.0),
+            "num-examples": int(sum(weights)),
+            **silo_timings(good),
+        })
+        return encode_arrays(merged), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        kept, problems = split_replies(replies, server_round, "evaluate")
+        for p in problems:
+            log.warning("%s", p)
+        good = []
+        for msg in kept:
+            try:
+                check_reply_round(msg, server_round)
+                good.append(msg)
+            except ValueError as exc:
+                log.warning("%s", exc)
+        if not good:
+            return None
+        loss = weighted_metric(good, "eval_loss", weight_key="num-tokens")
+        if loss is None:
+            return None
+        return MetricRecord({"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))})
