@@ -9,12 +9,12 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from . import fedavg
+from . import fedavg, shield
 
 app = ClientApp()
 
-TRAIN = {"fedavg": fedavg.train}
-EVALUATE = {"fedavg": fedavg.evaluate}
+TRAIN = {"fedavg": fedavg.train, "shield": shield.train}
+EVALUATE = {"fedavg": fedavg.evaluate, "shield": shield.evaluate}
 
 
 def _mode(context: Context) -> str:

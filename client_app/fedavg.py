@@ -48,7 +48,9 @@ def train(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, server_round, rt, adapter, load_s, _ = _setup(msg, context)
+    t0 = time.time()
     result = evaluate_round(rt, cfg, node, adapter)
+    eval_s = time.time() - t0
     metrics = MetricRecord({
         "eval_loss": result.loss,
         "eval_perplexity": result.perplexity,
@@ -56,5 +58,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         "num-examples": result.num_examples,
         "server-round": server_round,
         "load-seconds": load_s,
+        "eval-seconds": eval_s,
     })
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

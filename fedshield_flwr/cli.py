@@ -62,6 +62,31 @@ def summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["init"], help="init: create a new shield keyset")
+    p.add_argument("--out", required=True, help="directory for shield-silo.key / shield-server.key")
+    p.add_argument("--force", action="store_true", help="replace existing key files")
+
+
+@command("keys", _keys_args)
+def keys(args: argparse.Namespace) -> int:
+    """Create the CKKS keyset of the shield mode (silo file with secret, server file without)."""
+    from .crypto import write_keyset_files
+    from .crypto.keys import ServerKeyset
+
+    try:
+        silo_path, server_path = write_keyset_files(args.out, overwrite=args.force)
+    except FileExistsError as exc:
+        print(f"fedshield keys: {exc} (nothing was changed; use --force to replace)",
+              file=sys.stderr)
+        return 1
+    key_id = ServerKeyset.load(server_path).key_id
+    print(f"key id {key_id}\n  {silo_path}   -> copy to every silo (secret; mode 0600), then "
+          f"--node-config \"shield-key=<path>\"\n  {server_path} -> the coordinator only: "
+          f"--run-config \"shield.server-key='<path>' shield.auto-keys=false\"")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedshield", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)

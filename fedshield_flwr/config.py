@@ -66,7 +66,7 @@ class DataSettings:
     dirichlet_alpha: float = 0.5
     dirichlet_column: str = "category"
     eval_fraction: float = 0.1
-    max_eval_examples: int = 64
+    max_eval_examples: int = 32
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class RunConfig:
             dirichlet_alpha=get("data.dirichlet-alpha", 0.5, float),
             dirichlet_column=get("data.dirichlet-column", "category", str),
             eval_fraction=get("data.eval-fraction", 0.1, float),
-            max_eval_examples=get("data.max-eval-examples", 64, int),
+            max_eval_examples=get("data.max-eval-examples", 32, int),
         )
         _check(data.template in ("auto", "alpaca", "chat"), "data.template", data.template,
                "use auto, alpaca or chat")
@@ -251,3 +251,34 @@ def default_flat_config(pyproject: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"no pyproject.toml at {path} to read the default run config from")
     doc = tomllib.loads(path.read_text())
     return dict(flatten_dict(doc["tool"]["flwr"]["app"]["config"]))
+
+
+@dataclass(frozen=True)
+class ShieldSettings:
+    """``shield.*`` keys: pruning schedule and where the keys come from."""
+
+    prune_ratio: float = 0.0  # target fraction of blocks NOT sent each round (0 = dense)
+    prune_start_round: int = 1
+    prune_ramp_rounds: int = 0  # linear ramp from 0 to prune_ratio over this many rounds
+    auto_keys: bool = True  # simulation: silos provision a per-run keyset in the shared cache
+    server_key: str = ""  # deployment: path of shield-server.key on the coordinator
+    weight_scale: float = 1e-3  # aggregation weight = num-examples * weight_scale (ratios only)
+    workers: int = 1  # encryption processes per silo
+
+    @classmethod
+    def from_config(cls, cfg: "RunConfig") -> "ShieldSettings":
+        sec = cfg.section("shield")
+        s = cls(
+            prune_ratio=float(sec.get("prune-ratio", 0.0)),
+            prune_start_round=int(sec.get("prune-start-round", 1)),
+            prune_ramp_rounds=int(sec.get("prune-ramp-rounds", 0)),
+            auto_keys=bool(sec.get("auto-keys", True)),
+            server_key=str(sec.get("server-key", "")),
+            weight_scale=float(sec.get("weight-scale", 1e-3)),
+            workers=int(sec.get("workers", 1)),
+        )
+        _check(0.0 <= s.prune_ratio < 1.0, "shield.prune-ratio", s.prune_ratio,
+               "in [0, 1); it is clamped to 0.99")
+        _check(s.prune_start_round >= 1, "shield.prune-start-round", s.prune_start_round, ">= 1")
+        _check(s.weight_scale > 0, "shield.weight-scale", s.weight_scale, "> 0")
+        return s

@@ -39,6 +39,7 @@ class SiloRuntime:
     tokenizer: object
     model_path: str
     load_seconds: float
+    initial: "OrderedDict[str, np.ndarray]" = field(default_factory=OrderedDict)  # seeded G_0
     data: dict[tuple, SiloData] = field(default_factory=dict)
 
     @property
@@ -78,7 +79,8 @@ def get_runtime(cfg: RunConfig, node: NodeSettings | None = None) -> SiloRuntime
         base = load_base_model(cfg.model.name, cfg.model.quantization, cache_dir)
         model = apply_lora(base, cfg.model.lora, seed=cfg.train.seed, base_path=path)
         _RUNTIMES.clear()  # one model per process: free the previous one
-        _RUNTIMES[key] = SiloRuntime(model, tok, path, time.time() - t0)
+        _RUNTIMES[key] = SiloRuntime(model, tok, path, time.time() - t0,
+                                     initial=get_adapter_state(model))
         log.info("loaded %s (+LoRA r=%d) in %.1f s", cfg.model.name, cfg.model.lora.r,
                  _RUNTIMES[key].load_seconds)
     return _RUNTIMES[key]

@@ -22,9 +22,9 @@ log = logging.getLogger("fedshield.server")
 def main(grid: Grid, context: Context) -> None:
     configure_logging()
     cfg = RunConfig.from_flat(context.run_config)
-    mode = build_mode(cfg)
     if cfg.resume:
         results = RunResults.resume(cfg.results_dir, str(cfg.extra.get("resume.run", "latest")))
+        mode = build_mode(cfg, results.dir)
         done_round, state, _meta = results.load_checkpoint()
         arrays = mode.restore(state)
         start_round = done_round + 1
@@ -32,6 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     else:
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{context.run_id}"
         results = RunResults.create(cfg.results_dir, run_id, dict(context.run_config))
+        mode = build_mode(cfg, results.dir)
         arrays = mode.initial_arrays()
         start_round = 1
         log.info("run %s: %s, %d rounds, model %s -> %s", run_id, cfg.strategy.name,

@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedshield_flwr.config import RunConfig
+from fedshield_flwr.config import RunConfig, ShieldSettings
 from fedshield_flwr.models import export_adapter, resolve_model_path
 from fedshield_flwr.silo import initial_adapter
 from fedshield_flwr.wire import decode_arrays, encode_arrays
 from strategies.fedavg import LoraFedAvg
+from strategies.shield import ShieldStrategy
 
 
 def strategy_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -36,8 +37,9 @@ class ServerMode:
 
     server_evaluate: Callable[[int, ArrayRecord], dict[str, Any]] | None = None
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         self.cfg = cfg
+        self.run_dir = run_dir
         self.template = initial_adapter(cfg)
         self.strategy = LoraFedAvg(self.template, **strategy_kwargs(cfg))
 
@@ -69,11 +71,54 @@ class ServerMode:
         return export_adapter(run_dir / "adapter", state, model_type, self.cfg.model.lora, path)
 
 
-MODES: dict[str, type[ServerMode]] = {"fedavg": ServerMode}
+class ShieldMode(ServerMode):
+    """shield: the server never holds the model or a plaintext update, only ciphertexts.
+
+    It does not load the base model either: every silo starts from the same seeded LoRA
+    initialization, and the silos export the final adapter.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        from client_app.shield import schedule_of
+        from fedshield_flwr.crypto.provision import server_keyset
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        sh = ShieldSettings.from_config(cfg)
+        tag = run_dir.name
+        evaluate_extra: dict[str, Any] = {"keys-tag": tag}
+        if sh.auto_keys:  # simulation: silo 0 writes the adapter into this run's results
+            evaluate_extra["export-dir"] = str(run_dir / "adapter")
+        self.strategy = ShieldStrategy(
+            lambda: server_keyset(sh.server_key, sh.auto_keys, tag),
+            schedule_of(sh), cfg.num_server_rounds, train_extra={"keys-tag": tag},
+            evaluate_extra=evaluate_extra, **strategy_kwargs(cfg))
+
+    def initial_arrays(self) -> ArrayRecord:
+        return ArrayRecord()
+
+    def checkpoint(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        log = self.strategy.log
+        blob = log.to_bytes() if log is not None else b""
+        return {"aggregate-log": np.frombuffer(blob, dtype=np.uint8).copy()}
+
+    def restore(self, state: dict[str, np.ndarray]) -> ArrayRecord:
+        blob = state.get("aggregate-log")
+        if blob is None:
+            raise ValueError("checkpoint has no 'aggregate-log'; was it written by shield?")
+        if blob.size:
+            self.strategy.restore(blob.tobytes())
+        return ArrayRecord()
+
+    def export(self, arrays: ArrayRecord, run_dir: Path) -> Path | None:
+        return None  # the silos decrypt and export; the server cannot
 
 
-def build_mode(cfg: RunConfig) -> ServerMode:
+MODES: dict[str, type[ServerMode]] = {"fedavg": ServerMode, "shield": ShieldMode}
+
+
+def build_mode(cfg: RunConfig, run_dir: Path) -> ServerMode:
     if cfg.strategy.name not in MODES:
         raise ValueError(f"strategy.name='{cfg.strategy.name}' is not available in this build; "
                          f"available: {', '.join(sorted(MODES))}")
-    return MODES[cfg.strategy.name](cfg)
+    return MODES[cfg.strategy.name](cfg, run_dir)

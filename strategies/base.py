@@ -94,7 +94,7 @@ def weighted_metric(replies: list[Message], key: str, weight_key: str = "num-exa
     return num / den if den > 0 else None
 
 
-TIMING_KEYS = ("load-seconds", "train-seconds", "serialize-seconds")
+TIMING_KEYS = ("load-seconds", "train-seconds", "serialize-seconds", "eval-seconds")
 
 
 def silo_timings(replies: list[Message], metrics_key: str = "metrics") -> dict[str, float]:
@@ -135,6 +135,8 @@ class RoundLoop:
         if metrics is not None:
             rec.eval_loss = metrics.get("eval_loss")
             rec.eval_perplexity = metrics.get("eval_perplexity")
+            rec.extra.update({k: v for k, v in metrics.items()
+                              if k not in ("eval_loss", "eval_perplexity")})
 
     def run(
         self,

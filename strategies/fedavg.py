@@ -132,4 +132,6 @@ class LoraFedAvg(RoundLoop, FedAvg):
         loss = weighted_metric(good, "eval_loss", weight_key="num-tokens")
         if loss is None:
             return None
-        return MetricRecord({"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))})
+        timings = {k.replace("silo_load", "silo_eval_load"): v for k, v in silo_timings(good).items()}
+        return MetricRecord({"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))),
+                             **timings})

@@ -77,3 +77,20 @@ def test_resume_continues_from_the_last_checkpoint_identically(superlink, tmp_pa
     b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_shield_simulation_aggregates_ciphertexts_and_silos_export(superlink, tmp_path):
+    out = _run(superlink, tmp_path, extra="strategy.name='shield' shield.prune-ratio=0.5")
+    assert "public material only" in out.stdout
+    run = (tmp_path / "latest").resolve()
+    doc = json.loads((run / "metrics.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [0, 1, 2]
+    assert doc["rounds"][2]["eval_loss"] < doc["rounds"][0]["eval_loss"] + 0.05
+    assert all(r["prune_ratio"] == 0.5 for r in doc["rounds"][1:])
+    ckpt = load_file(str(run / "checkpoints" / "round-0002.safetensors"))
+    assert list(ckpt) == ["aggregate-log"] and ckpt["aggregate-log"].dtype == np.uint8
+    from peft import PeftModel
+
+    from fedshield_flwr.models import load_base_model
+
+    PeftModel.from_pretrained(load_base_model("tiny:llama"), str(run / "adapter"))
