@@ -8,6 +8,7 @@ BIN         := $(VENV)/bin
 TORCH_PIN   ?= torch==2.13.0
 STAMP       := $(VENV)/.fedshield-installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO := 0
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 # The demo's own local SuperLink (ports and Flower home), stopped when the demo ends.
@@ -42,6 +43,7 @@ demo: $(STAMP)
 
 stop:
 	@pkill -f "[f]lower-superlink.*--control-api-address 127.0.0.1:$(DEMO_CTRL)" 2>/dev/null || true
+	@pkill -f "[f]lwr-simulation --runtime-api-address 127.0.0.1:$(DEMO_PORT)" 2>/dev/null || true
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=900

@@ -9,12 +9,12 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from . import fedavg, shield
+from . import fedavg, shield, split
 
 app = ClientApp()
 
-TRAIN = {"fedavg": fedavg.train, "shield": shield.train}
-EVALUATE = {"fedavg": fedavg.evaluate, "shield": shield.evaluate}
+TRAIN = {"fedavg": fedavg.train, "shield": shield.train, "split": split.train}
+EVALUATE = {"fedavg": fedavg.evaluate, "shield": shield.evaluate, "split": split.evaluate}
 
 
 def _mode(context: Context) -> str:

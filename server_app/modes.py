@@ -114,7 +114,9 @@ class ShieldMode(ServerMode):
         return None  # the silos decrypt and export; the server cannot
 
 
-MODES: dict[str, type[ServerMode]] = {"fedavg": ServerMode, "shield": ShieldMode}
+from .split_mode import SplitMode  # noqa: E402  (split_mode subclasses ServerMode)
+
+MODES: dict[str, type[ServerMode]] = {"fedavg": ServerMode, "shield": ShieldMode, "split": SplitMode}
 
 
 def build_mode(cfg: RunConfig, run_dir: Path) -> ServerMode:

@@ -36,8 +36,9 @@ def test_invalid_values_name_the_key(key, value, fragment):
 
 
 def test_unknown_sections_are_kept_for_modes():
-    cfg = RunConfig.from_flat(default_flat_config() | {"shield.prune-ratio": 0.75})
-    assert cfg.section("shield") == {"prune-ratio": 0.75}
+    cfg = RunConfig.from_flat(default_flat_config() | {"newmode.knob": 0.75})
+    assert cfg.section("newmode") == {"knob": 0.75}
+    assert cfg.section("shield")["prune-ratio"] == 0.0
 
 
 def test_node_config_partition_must_be_in_range():

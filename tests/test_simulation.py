@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fedshield_flwr.config import LoraSettings
 from fedshield_flwr.localsim import LocalSimulationSuperLink
 
 pytestmark = pytest.mark.slow
@@ -94,3 +95,35 @@ def test_shield_simulation_aggregates_ciphertexts_and_silos_export(superlink, tm
     from fedshield_flwr.models import load_base_model
 
     PeftModel.from_pretrained(load_base_model("tiny:llama"), str(run / "adapter"))
+
+
+def test_split_simulation_trains_through_the_relay_and_exports_the_merged_adapter(
+        superlink, tmp_path):
+    out = _run(superlink, tmp_path, extra="strategy.name='split'")
+    assert "split: relay stopped" in out.stdout  # the ServerApp closed its relay
+    run = (tmp_path / "latest").resolve()
+    doc = json.loads((run / "metrics.json").read_text())
+    rounds = doc["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["eval_loss"] > 0 and r["eval_perplexity"] > 1 for r in rounds)
+    for r in rounds[1:]:
+        assert r["replies"] == 2 and r["failures"] == 0 and r["train_loss"] > 0
+        assert r["relay_silo_steps"] == 2 * 3  # 2 silos x train.max-steps=3, all via the relay
+        assert r["relay_rejected_auth"] == 0
+        # Activations and gradients go through the relay, not through Flower messages.
+        assert r["relay_bytes_up"] > 0 and r["relay_bytes_down"] > 0
+    ckpt = load_file(str(run / "checkpoints" / "round-0002.safetensors"))
+    assert {k.split("/")[0] for k in ckpt} == {"silo", "middle"}
+
+    from peft import PeftModel
+
+    from fedshield_flwr.models import apply_lora, get_adapter_state, load_base_model
+
+    # The export is one adapter for the unsplit model: head + middle + tail, every block.
+    exported = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    full = get_adapter_state(apply_lora(load_base_model("tiny:llama"), LoraSettings(r=8)))
+    assert set(exported) == set(full)
+    assert exported.keys() == {k.split("/", 1)[1] for k in ckpt}
+    model = PeftModel.from_pretrained(load_base_model("tiny:llama"), str(run / "adapter"))
+    assert sum("lora_B" in n for n, _ in model.named_parameters()) == sum(
+        "lora_B" in k for k in full)

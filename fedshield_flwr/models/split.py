@@ -51,6 +51,7 @@ from .lora import AdapterMismatchError, apply_lora, get_adapter_state, set_adapt
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 ACTIVATION_DTYPES = ("fp32", "fp16", "int8")
+AGGREGATIONS = ("fedavg", "shield")
 
 
 class SplitError(RuntimeError):
@@ -99,6 +100,9 @@ class SplitSettings:
         ``split.relay-*``: PEM paths on the server; all set = TLS (see
         :meth:`server_certificates`). Silos verify with the CA certificate (public; the glue may
         send it in the train message).
+    aggregation : {"fedavg", "shield"}
+        ``split.aggregation``: how the Flower strategy aggregates the silo-side (head + tail)
+        adapters every round.
     """
 
     head_layers: int = 1
@@ -116,6 +120,7 @@ class SplitSettings:
     relay_ca_cert: str = ""
     relay_server_cert: str = ""
     relay_server_key: str = ""
+    aggregation: str = "fedavg"
 
     _KEYS = {
         "head-layers": ("head_layers", int),
@@ -133,6 +138,7 @@ class SplitSettings:
         "relay-ca-cert": ("relay_ca_cert", str),
         "relay-server-cert": ("relay_server_cert", str),
         "relay-server-key": ("relay_server_key", str),
+        "aggregation": ("aggregation", str),
     }
 
     @classmethod
@@ -172,6 +178,12 @@ class SplitSettings:
             (s.token_ttl_s > 0, "token-ttl-s", s.token_ttl_s, "> 0"),
             (s.max_sessions >= 1, "max-sessions", s.max_sessions, ">= 1"),
             (0 <= s.relay_port < 65536, "relay-port", s.relay_port, "0 (any free port) to 65535"),
+            (
+                s.aggregation in AGGREGATIONS,
+                "aggregation",
+                s.aggregation,
+                f"use one of {', '.join(AGGREGATIONS)}",
+            ),
         ]
         for ok, key, value, rule in checks:
             if not ok:
@@ -681,6 +693,11 @@ class MiddleServer:
         with self.lock:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
+
+    def reset_optimizer(self) -> None:
+        """Forget the AdamW moments (a fresh optimizer per round, like the silos')."""
+        with self.lock:
+            self.optimizer.state.clear()
 
     # -- training ---------------------------------------------------------------------------
     def _middle(self, h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache=None):

@@ -1,0 +1,163 @@
+"""Server setup of ``split``: the middle blocks, the run's relay, checkpoint/restore, export.
+
+The server loads the base model once, keeps only the middle blocks (``split.head-layers`` /
+``split.tail-layers`` say where to cut) and their LoRA adapter, and hosts the relay for the run
+(:class:`strategies.split.RelayControl`, started and stopped by the strategy's ``run``). Of the
+silo-side (head + tail) adapter it keeps the names and shapes, to validate replies, and the
+aggregate the strategy computes. A checkpoint holds both adapters (``silo/`` and ``middle/``
+prefixes); the export merges them into one PEFT adapter for the unsplit model.
+
+With ``split.aggregation='shield'`` the server holds the encrypted aggregate log instead of a
+silo-side adapter (checkpoint: ``aggregate-log`` + ``middle/``), and the silos export: the final
+evaluate messages carry the middle adapter for that.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from fedshield_flwr.config import RunConfig, ShieldSettings
+from fedshield_flwr.models import (
+    apply_lora,
+    check_adapter_state,
+    export_adapter,
+    get_adapter_state,
+    load_base_model,
+    resolve_model_path,
+)
+from fedshield_flwr.models.split import (
+    MiddleServer,
+    SplitLayout,
+    SplitSettings,
+    merge_adapter_states,
+)
+from fedshield_flwr.train import cosine_lr
+from fedshield_flwr.wire import decode_arrays, encode_arrays
+from strategies.split import RelayControl, SplitFedAvg, SplitShield
+
+from .modes import ServerMode, strategy_kwargs
+
+log = logging.getLogger("fedshield.server")
+
+SILO_PREFIX, MIDDLE_PREFIX = "silo/", "middle/"
+
+
+def load_middle(cfg: RunConfig, settings: SplitSettings
+                ) -> tuple[MiddleServer, OrderedDict[str, np.ndarray]]:
+    """The server's middle blocks, and the silo-side adapter's names and shapes (zeros).
+
+    The seeded LoRA of every block is built, as on the silos, so the middle adapter starts where
+    unsplit LoRA would; the head/tail blocks, embeddings and LM head are then dropped, and of the
+    silo-side LoRA only the shapes are kept.
+    """
+    peft = apply_lora(load_base_model(cfg.model.name, cfg.model.quantization), cfg.model.lora,
+                      seed=cfg.train.seed)
+    layout = SplitLayout.for_model(peft, settings.head_layers, settings.tail_layers)
+    shapes = {k: (v.shape, v.dtype) for k, v in get_adapter_state(peft).items()}
+    middle = MiddleServer(
+        peft, layout,
+        learning_rate=cfg.train.learning_rate_max,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        max_sessions=settings.max_sessions,
+    )
+    in_middle = set(middle.adapter_state())
+    template = OrderedDict((k, np.zeros(shape, dtype)) for k, (shape, dtype) in shapes.items()
+                           if k not in in_middle)
+    return middle, template
+
+
+class SplitMode(ServerMode):
+    """split: the server trains the middle through its relay and aggregates head + tail."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.settings = SplitSettings.from_run_config(cfg)
+        self.middle, self.template = load_middle(cfg, self.settings)
+        t = cfg.train
+        self.relay = RelayControl(
+            self.middle, self.settings,
+            lambda r: cosine_lr(r, cfg.num_server_rounds, t.learning_rate_max, t.learning_rate_min),
+            seed=t.seed)
+        self.shield = self.settings.aggregation == "shield"
+        if self.shield:
+            self.strategy = self._shield_strategy(cfg, run_dir)
+        else:
+            self.strategy = SplitFedAvg(self.relay, self.template, **strategy_kwargs(cfg))
+        log.info("split: server holds middle blocks %s of %d; silo-side adapter %d tensors "
+                 "aggregated with %s", list(self.middle.layout.middle),
+                 self.middle.layout.num_layers, len(self.template), self.settings.aggregation)
+
+    def _shield_strategy(self, cfg: RunConfig, run_dir: Path) -> SplitShield:
+        from client_app.shield import schedule_of
+        from fedshield_flwr.crypto.provision import server_keyset
+
+        sh = ShieldSettings.from_config(cfg)
+        tag = run_dir.name
+        evaluate_extra = {"keys-tag": tag}
+        if sh.auto_keys:  # simulation: silo 0 writes the merged adapter into this run's results
+            evaluate_extra["export-dir"] = str(run_dir / "adapter")
+        return SplitShield(
+            self.relay, lambda: server_keyset(sh.server_key, sh.auto_keys, tag), schedule_of(sh),
+            cfg.num_server_rounds, train_extra={"keys-tag": tag}, evaluate_extra=evaluate_extra,
+            **strategy_kwargs(cfg))
+
+    def initial_arrays(self) -> ArrayRecord:
+        # Empty: the silos start from their seeded initialization (identical on every silo).
+        return ArrayRecord()
+
+    def checkpoint(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        if self.shield:  # ciphertexts only: the server cannot read the silo-side adapter
+            log_ = self.strategy.log
+            blob = log_.to_bytes() if log_ is not None else b""
+            state = {"aggregate-log": np.frombuffer(blob, dtype=np.uint8).copy()}
+        else:
+            state = {SILO_PREFIX + k: v
+                     for k, v in decode_arrays(arrays, "server checkpoint").items()}
+        state.update({MIDDLE_PREFIX + k: v for k, v in self.middle.adapter_state().items()})
+        return state
+
+    def restore(self, state: dict[str, np.ndarray]) -> ArrayRecord:
+        middle = {k[len(MIDDLE_PREFIX):]: v for k, v in state.items()
+                  if k.startswith(MIDDLE_PREFIX)}
+        if not middle:
+            raise ValueError("checkpoint has no 'middle/' tensors; was it written by "
+                             "strategy.name='split'?")
+        who = "split checkpoint"
+        check_adapter_state(self.middle.adapter_state(), middle, f"{who} (middle adapter)")
+        self.middle.load_adapter_state(middle)
+        if self.shield:
+            blob = state.get("aggregate-log")
+            if blob is None:
+                raise ValueError("checkpoint has no 'aggregate-log'; it was written with "
+                                 "split.aggregation='fedavg': resume with that setting")
+            if blob.size:
+                self.strategy.restore(blob.tobytes())
+            return ArrayRecord()
+        silo = OrderedDict((k[len(SILO_PREFIX):], v) for k, v in state.items()
+                           if k.startswith(SILO_PREFIX))
+        if not silo:  # no round had produced a silo-side aggregate yet
+            if "aggregate-log" in state:
+                raise ValueError("checkpoint was written with split.aggregation='shield': "
+                                 "resume with that setting")
+            return ArrayRecord()
+        check_adapter_state(self.template, silo, f"{who} (silo-side adapter)")
+        return encode_arrays(OrderedDict((k, silo[k]) for k in self.template))
+
+    def export(self, arrays: ArrayRecord, run_dir: Path) -> Path | None:
+        if self.shield:
+            return None  # the silos decrypt head + tail and export the merged adapter
+        silo = decode_arrays(arrays, "final silo-side adapter")
+        if not silo:
+            log.warning("split: no round produced a silo-side adapter; nothing to export")
+            return None
+        merged = merge_adapter_states(silo, self.middle.adapter_state())
+        path = resolve_model_path(self.cfg.model.name)
+        return export_adapter(run_dir / "adapter", merged, self.middle.layout.model_type,
+                              self.cfg.model.lora, path, {"fedshield-mode": "split"})
