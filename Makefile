@@ -17,7 +17,7 @@ DEMO_PORT   ?= 39291
 DEMO_CTRL   ?= 39293
 DEMO_ARGS   ?=
 
-.PHONY: demo test venv lint stop clean
+.PHONY: demo test venv lint stop clean compose-tool
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,7 +45,13 @@ stop:
 	@pkill -f "[f]lower-superlink.*--control-api-address 127.0.0.1:$(DEMO_CTRL)" 2>/dev/null || true
 	@pkill -f "[f]lwr-simulation --runtime-api-address 127.0.0.1:$(DEMO_PORT)" 2>/dev/null || true
 
-test: $(STAMP)
+# docker-compose (Debian) lets tests/deploy/test_compose.py validate docker/compose.yml.
+# Installed only as root with apt-get available; never fails the build.
+compose-tool:
+	@command -v docker-compose >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get update -qq && apt-get install -y -qq docker-compose) >/dev/null 2>&1; } || true
+
+test: $(STAMP) compose-tool
 	$(BIN)/python -m pytest -q --timeout=900
 
 lint: $(STAMP)

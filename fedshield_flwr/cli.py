@@ -87,6 +87,79 @@ def keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory for ca.crt, ca.key, server.pem, "
+                   "server.key")
+    p.add_argument("--san", default="", help="comma-separated host names / IPs under which sites "
+                   "reach the SuperLink (localhost,127.0.0.1 are always included)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+
+
+@command("certs", _certs_args)
+def certs(args: argparse.Namespace) -> int:
+    """Create a CA and the SuperLink's TLS certificate (for --ssl-* and root-certificates)."""
+    from .provision import ProvisionError, create_certificates
+
+    try:
+        c = create_certificates(args.out, sans=args.san, days=args.days, force=args.force)
+    except ProvisionError as exc:
+        print(f"fedshield certs: {exc}", file=sys.stderr)
+        return 1
+    print(f"SANs: {', '.join(c.sans)} (valid {args.days} days)\n"
+          f"  {c.ca_cert}      -> every site (--root-certificates) and every flwr user "
+          f"(root-certificates in config.toml)\n"
+          f"  {c.server_cert}, {c.server_key} -> the coordinator only\n"
+          f"  {c.ca_key}      -> keep offline (only to issue a new server certificate)\n"
+          f"SuperLink: flower-superlink {' '.join(c.superlink_args())} --enable-supernode-auth")
+    return 0
+
+
+def _nodes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=["add"],
+                   help="add: one key pair named --name (default: --count pairs site-1..N)")
+    p.add_argument("--out", required=True, help="directory for the key files")
+    p.add_argument("--count", type=int, default=None, help="number of key pairs (site-1..N)")
+    p.add_argument("--prefix", default="site", help="name prefix with --count (default: site)")
+    p.add_argument("--name", default=None, help="with `add`: the site's name, e.g. site-4")
+    p.add_argument("--superlink", default="COORDINATOR:8000", help="SuperLink address printed "
+                   "in the instructions")
+    p.add_argument("--connection", default="fedshield", help="flwr connection name printed in "
+                   "the instructions")
+    p.add_argument("--force", action="store_true", help="replace existing key files")
+
+
+@command("nodes", _nodes_args)
+def nodes(args: argparse.Namespace) -> int:
+    """Create SuperNode key pairs (OpenSSH ECDSA P-384) and print how to register them."""
+    from .provision import (
+        ProvisionError,
+        create_node_key,
+        create_node_keys,
+        registration_instructions,
+    )
+
+    try:
+        if args.action == "add":
+            if not args.name or args.count is not None:
+                print("fedshield nodes add: give --name (and no --count)", file=sys.stderr)
+                return 2
+            keys = [create_node_key(args.out, args.name, force=args.force)]
+        else:
+            if args.count is None or args.name:
+                print("fedshield nodes: give --count N (or use `nodes add --name NAME`)",
+                      file=sys.stderr)
+                return 2
+            keys = create_node_keys(args.out, args.count, prefix=args.prefix, force=args.force)
+    except ProvisionError as exc:
+        print(f"fedshield nodes: {exc}", file=sys.stderr)
+        return 1
+    for k in keys:
+        print(f"  {k.private_key}  (secret, stays on {k.name})   {k.public_key}  (to register)")
+    print(registration_instructions(keys, args.connection, args.superlink))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedshield", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -3,12 +3,15 @@
 In simulation one ClientApp process serves many messages (and several silos), so the runtime is
 cached per process and per (model, LoRA, data, node) settings; the adapter weights are replaced on
 every message. In deployment Flower starts a fresh process per message, so the first call pays
-for loading the base model from the on-disk cache (seconds, see ``models/load.py``).
+for loading the base model from the on-disk cache (seconds, see ``models/load.py``); the silo's
+tokenized rows come from their own on-disk cache (``data/silo_cache.py``), and such a process
+skips importing bitsandbytes when nothing is quantized (:func:`skip_unused_bitsandbytes`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -17,9 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import NodeSettings, RunConfig
-from .data import SiloData, load_silo_data
+from .data import SiloData, cached_silo_data
 from .models import (
     apply_lora,
+    cache_root,
     get_adapter_state,
     load_base_model,
     load_tokenizer,
@@ -55,13 +59,41 @@ class SiloRuntime:
     def silo_data(self, cfg: RunConfig, node: NodeSettings) -> SiloData:
         key = (cfg.data, node.partition_id, node.num_partitions, node.data_path, cfg.train.seed)
         if key not in self.data:
-            self.data[key] = load_silo_data(cfg.data, node, self.tokenizer, cfg.train.seed)
+            def build() -> SiloData:
+                from .data import load_silo_data  # imports `datasets`: only on a cache miss
+
+                return load_silo_data(cfg.data, node, self.tokenizer, cfg.train.seed)
+
+            cache = cache_root(node.cache_dir or None) / "silo-data"
+            self.data[key] = cached_silo_data(cfg.data, node, self.tokenizer, cfg.train.seed,
+                                              self.model_path, cache, build)
             log.info("silo data: %s -> %d train / %d eval rows", self.data[key].source,
                      len(self.data[key].train), len(self.data[key].eval))
         return self.data[key]
 
 
 _RUNTIMES: dict[tuple, SiloRuntime] = {}
+# Modes whose silos never quantize when model.quantization == 0 (lpp quantizes on its own).
+BITSANDBYTES_FREE_MODES = ("fedavg",)
+# Deployment starts one of these per message (ClientApp) or per run (ServerApp).
+ONE_SHOT_APP_PROCESSES = ("flwr-clientapp", "flwr-serverapp")
+
+
+def skip_unused_bitsandbytes(cfg: RunConfig) -> bool:
+    """In a one-shot ``flwr-clientapp``/``flwr-serverapp`` process, keep bitsandbytes out.
+
+    peft imports bitsandbytes whenever it is installed, and bitsandbytes compiles its kernels
+    with ``torch.compile`` at import: ~2 s of every deployed message's start-up for nothing when
+    the model is full precision. Only done in such a process (one message or run, one config)
+    before peft is imported, never in simulation or tests, where one process serves many
+    configurations. Returns whether bitsandbytes is now hidden.
+    """
+    if (cfg.model.quantization == 0 and cfg.strategy.name in BITSANDBYTES_FREE_MODES
+            and sys.argv and sys.argv[0].endswith(ONE_SHOT_APP_PROCESSES)
+            and "peft" not in sys.modules and "bitsandbytes" not in sys.modules):
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # import -> ImportError
+        return True
+    return False
 
 
 def get_runtime(cfg: RunConfig, node: NodeSettings | None = None) -> SiloRuntime:
@@ -74,6 +106,7 @@ def get_runtime(cfg: RunConfig, node: NodeSettings | None = None) -> SiloRuntime
     key = (cfg.model, cfg.train.seed, cache_dir)
     if key not in _RUNTIMES:
         t0 = time.time()
+        skip_unused_bitsandbytes(cfg)
         path = resolve_model_path(cfg.model.name, cache_dir)
         tok = load_tokenizer(cfg.model.name, cache_dir)
         base = load_base_model(cfg.model.name, cfg.model.quantization, cache_dir)
@@ -90,6 +123,7 @@ def initial_adapter(cfg: RunConfig) -> "OrderedDict[str, np.ndarray]":
     """The seeded initial LoRA adapter that every party derives identically."""
     from .models.lora import apply_lora as _apply
 
+    skip_unused_bitsandbytes(cfg)
     base = load_base_model(cfg.model.name, 0)
     return get_adapter_state(_apply(base, cfg.model.lora, seed=cfg.train.seed))
 

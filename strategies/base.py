@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,15 +46,22 @@ class RoundRecord:
 
 
 def split_replies(
-    replies: Iterable[Message], server_round: int, phase: str
+    replies: Iterable[Message], server_round: int, phase: str,
+    destinations: Mapping[str, int] | None = None,
 ) -> tuple[list[Message], list[str]]:
-    """Drop error replies and duplicates (same node twice); return (kept, problems)."""
+    """Drop error replies and duplicates (same node twice); return (kept, problems).
+
+    ``destinations`` maps the ids of the messages sent to the silos they went to: an error reply
+    that the SuperLink writes for an unreachable silo has the SuperLink as its source, and the
+    problem must name the silo.
+    """
     kept: list[Message] = []
     problems: list[str] = []
     seen: set[int] = set()
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
+            node = (destinations or {}).get(msg.metadata.reply_to_message_id, node)
             problems.append(f"silo node {node} failed {phase} in round {server_round}: "
                             f"{msg.error.reason}")
             continue
@@ -113,6 +120,7 @@ class RoundLoop:
 
     last_train_replies: list[Message]
     last_evaluate_replies: list[Message]
+    destinations: dict[str, int] = {}  # message id -> silo node id of the last send
 
     def _send(self, grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[list, int, int]:
         messages = list(messages)
@@ -120,6 +128,14 @@ class RoundLoop:
         if not messages:
             return [], down, 0
         replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+        # The grid has set each message's id: remember which silo it went to (see split_replies).
+        self.destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered = {r.metadata.reply_to_message_id for r in replies}
+        for mid, node in self.destinations.items():
+            if mid not in answered:
+                log.warning("silo node %d sent no %s reply within strategy.round-timeout=%.0f s; "
+                            "the round goes on without it", node, messages[0].metadata.message_type,
+                            timeout)
         up = sum(record_bytes(r.content) for r in replies if not r.has_error())
         return replies, down, up
 

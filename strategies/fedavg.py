@@ -91,7 +91,7 @@ class LoraFedAvg(RoundLoop, FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept, problems = split_replies(replies, server_round, "train")
+        kept, problems = split_replies(replies, server_round, "train", self.destinations)
         states, weights, good = [], [], []
         for msg in kept:
             try:
@@ -117,7 +117,7 @@ class LoraFedAvg(RoundLoop, FedAvg):
         return encode_arrays(merged), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        kept, problems = split_replies(replies, server_round, "evaluate")
+        kept, problems = split_replies(replies, server_round, "evaluate", self.destinations)
         for p in problems:
             log.warning("%s", p)
         good = []

@@ -8,22 +8,12 @@ nothing about it leaves the silo. Either way a seeded held-out split is kept for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import datasets
 
 from ..config import DataSettings, NodeSettings
 from .load import ColumnMap, DataLoadError, load_instruction_dataset
+from .silo_cache import SiloData
 from .templates import resolve_template, tokenize_example
-
-
-@dataclass
-class SiloData:
-    """Tokenized rows (``input_ids``/``labels`` lists) of one silo."""
-
-    train: list[dict]
-    eval: list[dict]
-    source: str
 
 
 def partition_dataset(

@@ -61,7 +61,7 @@ def test_server_side_holds_only_a_public_keyset_that_cannot_decrypt(keys, flower
     payload, _ = encrypt_update(silo, update(0), server_round=1, silo="1", weight=1.0)
     strat.aggregate_train(1, [train_reply(1, payload, 1)])
     record = strat.log.downlink(0)[0]
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError, match="cannot decrypt"):
         decrypt_aggregate(server, record)  # no secret key: decryption must fail
     assert decrypt_aggregate(silo, record).values.shape[0] == flat(update(0)).size
 
