@@ -9,12 +9,14 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from . import fedavg, shield, split
+from . import fedavg, lpp, shield, split
 
 app = ClientApp()
 
-TRAIN = {"fedavg": fedavg.train, "shield": shield.train, "split": split.train}
-EVALUATE = {"fedavg": fedavg.evaluate, "shield": shield.evaluate, "split": split.evaluate}
+TRAIN = {"fedavg": fedavg.train, "shield": shield.train, "split": split.train, "lpp": lpp.train}
+EVALUATE = {"fedavg": fedavg.evaluate, "shield": shield.evaluate, "split": split.evaluate,
+            "lpp": lpp.evaluate}
+QUERY = {"lpp": lpp.query}
 
 
 def _mode(context: Context) -> str:
@@ -33,3 +35,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return EVALUATE[_mode(context)](msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    mode = _mode(context)
+    if mode not in QUERY:
+        raise ValueError(f"strategy.name='{mode}' sends no query messages; this one is unexpected")
+    return QUERY[mode](msg, context)

@@ -50,7 +50,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, server_round, rt, adapter, load_s, _ = _setup(msg, context)
     t0 = time.time()
     result = evaluate_round(rt, cfg, node, adapter)
-    eval_s = time.time() - t0
+    return evaluate_reply(msg, result, server_round, load_s, time.time() - t0)
+
+
+def evaluate_reply(msg: Message, result, server_round: int, load_s: float,
+                   eval_s: float) -> Message:
+    """The reply every mode's silo sends after evaluating (``EvalResult`` + timings)."""
     metrics = MetricRecord({
         "eval_loss": result.loss,
         "eval_perplexity": result.perplexity,

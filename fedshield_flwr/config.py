@@ -9,6 +9,7 @@ strings. Unknown keys are kept in ``extra`` so that modes can add their own sect
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -281,4 +282,47 @@ class ShieldSettings:
                "in [0, 1); it is clamped to 0.99")
         _check(s.prune_start_round >= 1, "shield.prune-start-round", s.prune_start_round, ">= 1")
         _check(s.weight_scale > 0, "shield.weight-scale", s.weight_scale, "> 0")
+        return s
+
+
+LPP_QUANT_TYPES = ("nf4", "fp4", "int8")
+LPP_ADAPTER_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class LppSettings:
+    """``lpp.*`` keys: how the base and the global adapter are quantized for silos."""
+
+    quant_type: str = "nf4"  # base weights, embeddings and head: nf4 | fp4 | int8
+    base_blocksize: int = 64  # values per 4-bit block of the base
+    adapter_bits: int = 4  # bits per value of the global adapter sent to silos
+    adapter_blocksize: int = 64  # values per absmax block of the k-bit adapter
+    server_lr: float = 1.0  # fp_adapter += server_lr * (mean(silo adapters) - sent adapter)
+    eval_data: str = ""  # server's held-out set: file/dir/hub name; "" = simulated silos' splits
+    eval_partitions: int = 3  # with eval_data == "": how many simulated silos to rebuild
+    server_eval: bool = True  # measure the IP margin (full vs silo proxy) every round
+
+    @classmethod
+    def from_config(cls, cfg: "RunConfig") -> "LppSettings":
+        sec = cfg.section("lpp")
+        s = cls(
+            quant_type=str(sec.get("quant-type", "nf4")).lower(),
+            base_blocksize=int(sec.get("base-blocksize", 64)),
+            adapter_bits=int(sec.get("adapter-bits", 4)),
+            adapter_blocksize=int(sec.get("adapter-blocksize", 64)),
+            server_lr=float(sec.get("server-lr", 1.0)),
+            eval_data=str(sec.get("eval-data", "")),
+            eval_partitions=int(sec.get("eval-partitions", 3)),
+            server_eval=bool(sec.get("server-eval", True)),
+        )
+        _check(s.quant_type in LPP_QUANT_TYPES, "lpp.quant-type", s.quant_type,
+               f"one of {', '.join(LPP_QUANT_TYPES)}")
+        _check(s.adapter_bits in LPP_ADAPTER_BITS, "lpp.adapter-bits", s.adapter_bits,
+               f"one of {LPP_ADAPTER_BITS}")
+        _check(s.adapter_blocksize >= 1, "lpp.adapter-blocksize", s.adapter_blocksize, ">= 1")
+        _check(s.base_blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096),
+               "lpp.base-blocksize", s.base_blocksize, "a power of two in [32, 4096]")
+        _check(s.server_lr > 0 and math.isfinite(s.server_lr), "lpp.server-lr", s.server_lr,
+               "finite and > 0")
+        _check(s.eval_partitions >= 1, "lpp.eval-partitions", s.eval_partitions, ">= 1")
         return s

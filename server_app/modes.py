@@ -114,9 +114,11 @@ class ShieldMode(ServerMode):
         return None  # the silos decrypt and export; the server cannot
 
 
+from .lpp_mode import LppMode  # noqa: E402  (lpp_mode subclasses ServerMode)
 from .split_mode import SplitMode  # noqa: E402  (split_mode subclasses ServerMode)
 
-MODES: dict[str, type[ServerMode]] = {"fedavg": ServerMode, "shield": ShieldMode, "split": SplitMode}
+MODES: dict[str, type[ServerMode]] = {"fedavg": ServerMode, "shield": ShieldMode, "lpp": LppMode,
+                                      "split": SplitMode}
 
 
 def build_mode(cfg: RunConfig, run_dir: Path) -> ServerMode:

@@ -1,0 +1,174 @@
+"""``lpp``: silos train LoRA against a quantized base; the server keeps everything in full precision.
+
+Round ``r`` (FedLPP, arXiv 2406.10976)::
+
+    sent      = k-bit quantization of the server's fp32 global adapter     -> every sampled silo
+    replies   = the silos' adapters after local training on the quantized base
+    fp       += lpp.server-lr * (weighted mean(replies) - dequantized(sent))
+
+The quantized base travels once per silo: before the first message of a run the server asks
+each silo (a Flower ``query`` message carrying the content hash) whether the package is in its
+disk cache, and attaches the package (``"base"`` ArrayRecord) only for silos that lack it. A
+silo whose reply fails is asked again next time, so a silo that lost its cache gets a fresh
+copy. Replies are validated like ``fedavg``'s (round, names, shapes, dtype, finite values,
+duplicates); a bad one is logged with the silo and the round and left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedshield_flwr.lpp import ADAPTER_RECORD, BASE_RECORD, HASH_KEY
+from fedshield_flwr.models.adapter_quant import (
+    AdapterQuantSpec,
+    adapter_to_arrays,
+    lpp_server_update,
+    prepare_global_adapter,
+)
+from fedshield_flwr.wire import decode_arrays, encode_arrays
+
+from .fedavg import LoraFedAvg
+
+log = logging.getLogger("fedshield.server")
+
+QUERY_TIMEOUT_S = 600.0  # a deployed silo starts a fresh ClientApp process per message
+
+
+class LppStrategy(LoraFedAvg):
+    """FedAvg message flow with FedLPP's k-bit downlink and server update.
+
+    Parameters
+    ----------
+    template : Mapping[str, np.ndarray]
+        The adapter silos send back (names, shapes, dtypes are checked against it).
+    base_arrays : callable returning dict of str to np.ndarray
+        The quantized base package as arrays (``package_to_arrays``); called once, on the first
+        silo that needs it.
+    content_hash : str
+        The package's hash; every message carries it.
+    spec : AdapterQuantSpec
+        How the global adapter is quantized for silos.
+    server_lr : float
+        FedLPP's server step size.
+    **kwargs
+        ``flwr.serverapp.strategy.FedAvg`` arguments.
+    """
+
+    def __init__(self, template: Mapping[str, np.ndarray],
+                 base_arrays: Callable[[], Mapping[str, np.ndarray]], content_hash: str,
+                 spec: AdapterQuantSpec, server_lr: float = 1.0, **kwargs) -> None:
+        super().__init__(template, **kwargs)
+        self._base_arrays = base_arrays
+        self._base_record: ArrayRecord | None = None
+        self.content_hash = content_hash
+        self.spec = spec
+        self.server_lr = server_lr
+        self.has_base: set[int] = set()  # silos known to hold the package on disk
+        self.base_sent_to: list[int] = []  # silos the package was attached for (all rounds)
+        self._fp: OrderedDict[str, np.ndarray] | None = None
+        self._sent: OrderedDict[str, np.ndarray] | None = None  # de-quantized k-bit adapter
+
+    # ---- downlink -----------------------------------------------------------------------
+
+    def base_record(self) -> ArrayRecord:
+        if self._base_record is None:
+            self._base_record = encode_arrays(self._base_arrays())
+        return self._base_record
+
+    def quantized(self, arrays: ArrayRecord, remember: bool) -> ArrayRecord:
+        """The k-bit copy of ``arrays`` (the fp global adapter).
+
+        With ``remember`` (training) the fp adapter and the de-quantized copy are kept for
+        :meth:`aggregate_train`'s update.
+        """
+        fp = decode_arrays(arrays, "server global adapter")
+        sent_q, sent = prepare_global_adapter(fp, self.spec)
+        if remember:
+            self._fp, self._sent = fp, sent
+        return encode_arrays(adapter_to_arrays(sent_q))
+
+    def query_bases(self, grid: Grid, node_ids: Iterable[int], server_round: int) -> None:
+        """Ask silos not yet known to hold the package whether their cache has it."""
+        ask = [n for n in node_ids if n not in self.has_base]
+        if not ask:
+            return
+        content = RecordDict({"config": ConfigRecord({HASH_KEY: self.content_hash,
+                                                      "server-round": server_round})})
+        msgs = [Message(content=content, message_type="query", dst_node_id=n) for n in ask]
+        replies = list(grid.send_and_receive(messages=msgs, timeout=QUERY_TIMEOUT_S))
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log.warning("silo node %d failed the base query of round %d: %s", node,
+                            server_round, msg.error.reason)
+                continue
+            rec = msg.content.config_records.get("config", {})
+            if bool(rec.get("has-base", False)) and rec.get(HASH_KEY) == self.content_hash:
+                self.has_base.add(node)
+        log.info("round %d: %d of %d asked silos hold base %s; sending it to the others",
+                 server_round, len(self.has_base & set(ask)), len(ask), self.content_hash[:12])
+
+    def _messages(self, template_msgs: Iterable[Message], grid: Grid, server_round: int,
+                  adapter: ArrayRecord, config: ConfigRecord) -> list[Message]:
+        template_msgs = list(template_msgs)
+        nodes = [m.metadata.dst_node_id for m in template_msgs]
+        self.query_bases(grid, nodes, server_round)
+        config[HASH_KEY] = self.content_hash
+        config["server-round"] = server_round
+        out = []
+        for m, node in zip(template_msgs, nodes):
+            records: dict = {ADAPTER_RECORD: adapter, "config": config}
+            if node not in self.has_base:
+                records[BASE_RECORD] = self.base_record()
+                self.base_sent_to.append(node)
+            out.append(Message(content=RecordDict(records), message_type=m.metadata.message_type,
+                               dst_node_id=node))
+        return out
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        msgs = super().configure_train(server_round, ArrayRecord(), config, grid)
+        return self._messages(msgs, grid, server_round, self.quantized(arrays, True), config)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        msgs = super().configure_evaluate(server_round, ArrayRecord(), config, grid)
+        if not msgs:
+            return []
+        return self._messages(msgs, grid, server_round, self.quantized(arrays, False), config)
+
+    def _track(self, replies: list[Message]) -> None:
+        """A silo that answered holds the package; one that failed is asked again next time."""
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self.has_base.discard(self.destinations.get(msg.metadata.reply_to_message_id, node))
+            else:
+                self.has_base.add(node)
+
+    # ---- uplink -------------------------------------------------------------------------
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._track(replies)
+        merged, metrics = super().aggregate_train(server_round, replies)
+        if merged is None:
+            return None, None
+        assert self._fp is not None and self._sent is not None, "configure_train did not run"
+        # LoraFedAvg has validated every reply and computed the weighted mean: apply FedLPP's rule
+        mean = decode_arrays(merged, "aggregate")
+        fp = lpp_server_update(self._fp, self._sent, [mean], [1.0], self.server_lr)
+        return encode_arrays(fp), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        replies = list(replies)
+        self._track(replies)
+        return super().aggregate_evaluate(server_round, replies)
