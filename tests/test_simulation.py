@@ -127,3 +127,26 @@ def test_split_simulation_trains_through_the_relay_and_exports_the_merged_adapte
     model = PeftModel.from_pretrained(load_base_model("tiny:llama"), str(run / "adapter"))
     assert sum("lora_B" in n for n, _ in model.named_parameters()) == sum(
         "lora_B" in k for k in full)
+
+
+def test_lpp_simulation_delivers_the_base_once_and_tracks_the_ip_margin(superlink, tmp_path):
+    out = _run(superlink, tmp_path, extra="strategy.name='lpp' lpp.eval-partitions=2")
+    assert "IP margin" in out.stdout
+    run = (tmp_path / "latest").resolve()
+    rounds = json.loads((run / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds:  # both sides of the IP margin, every round, on the server's rows
+        assert np.isfinite(r["server_eval_loss"]) and np.isfinite(r["proxy_eval_loss"])
+        assert r["server_eval_tokens"] > 0
+    # the first message of the run carried the package; later rounds only k-bit adapters
+    assert rounds[0]["bytes_down"] > 2 * rounds[1]["bytes_down"]
+    assert rounds[2]["bytes_down"] == rounds[1]["bytes_down"]
+    assert (run / "loss.png").stat().st_size > 1000
+
+    from peft import PeftModel
+
+    from fedshield_flwr.models import load_base_model
+
+    # the server exports the full-precision adapter for the full base (it never leaves it)
+    model = PeftModel.from_pretrained(load_base_model("tiny:llama"), str(run / "adapter"))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
