@@ -15,6 +15,8 @@ evaluates (``lpp.eval-partitions=3``).
 
     .venv/bin/python benchmarks/lpp_quality.py                  # the demo setup (~25 min)
     .venv/bin/python benchmarks/lpp_quality.py --model tiny:llama --rounds 2   # quick check
+    .venv/bin/python benchmarks/lpp_quality.py \
+        --fedavg-from benchmarks/results/shield_quality.json   # fedavg from that run (~15 min)
 
 The silos get a fresh package cache (a temporary ``FEDSHIELD_CACHE`` that links the converted
 models and the server's package cache), so the first run really delivers the base. Writes the
@@ -70,12 +72,36 @@ def run(link, name: str, config: str, res_dir: Path, silos: int) -> dict:
     }
 
 
+def fedavg_from(path: Path) -> dict:
+    """fedavg's rounds from an earlier run of the same demo setup (``shield_quality.json``).
+
+    fedavg on CPU is deterministic (seeded; reruns agree to the last digit), so the earlier
+    figures are this setup's; the config is checked against this app's defaults.
+    """
+    from fedshield_flwr.config import default_flat_config
+
+    doc = json.loads(path.read_text())["details"]["fedavg"]
+    defaults = default_flat_config()
+    differ = {k: (v, defaults.get(k)) for k, v in doc["config"].items()
+              if k != "train.progress" and defaults.get(k) != v}
+    if differ:
+        raise SystemExit(f"{path}: fedavg ran with other settings {differ}; rerun without "
+                         "--fedavg-from")
+    losses = doc["eval_loss_per_round"]
+    print(f"  fedavg: from {path} ({len(losses) - 1} rounds, final {losses[-1]:.4f})")
+    return {"rounds": [{"round": i, "eval_loss": v, "bytes_down": None}
+                       for i, v in enumerate(losses)],
+            "wall_seconds": doc["wall_seconds"], "config": doc["config"], "source": str(path)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="", help="default: the demo's model (pyproject)")
     p.add_argument("--rounds", type=int, default=0, help="default: the demo's rounds (pyproject)")
     p.add_argument("--silos", type=int, default=3)
     p.add_argument("--extra", default="", help="extra --run-config entries for every run")
+    p.add_argument("--fedavg-from", default="",
+                   help="take fedavg from this shield_quality.json instead of running it")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lpp_quality.json"))
     p.add_argument("--lpp-json", default=str(ROOT / "benchmarks" / "results" / "lpp.json"))
     args = p.parse_args()
@@ -89,13 +115,11 @@ def main() -> None:
         os.environ["FEDSHIELD_CACHE"] = str(fresh_silo_cache(Path(tmp)))
         link = LocalSimulationSuperLink(Path(tmp) / "flwr-home").start()
         try:
-            fedavg = run(
-                link,
-                "fedavg",
-                f"{common}{rounds} strategy.name='fedavg'",
-                Path(tmp) / "f",
-                args.silos,
-            )
+            if args.fedavg_from:
+                fedavg = fedavg_from(Path(args.fedavg_from))
+            else:
+                fedavg = run(link, "fedavg", f"{common}{rounds} strategy.name='fedavg'",
+                             Path(tmp) / "f", args.silos)
             lpp = run(
                 link, "lpp", f"{common}{rounds} strategy.name='lpp'", Path(tmp) / "l", args.silos
             )
