@@ -42,7 +42,7 @@ from fedshield_flwr.models.split import (
     run_silo_round,
 )
 from fedshield_flwr.relay import FrameError, RelayClient, RelayError
-from fedshield_flwr.silo import SiloRuntime
+from fedshield_flwr.silo import SiloRuntime, skip_unused_bitsandbytes
 from fedshield_flwr.train import batch_schedule, collate, cosine_lr
 from fedshield_flwr.wire import decode_adapter, decode_arrays, encode_arrays
 from strategies.split import MIDDLE_RECORD, RELAY_DOWN_KEY, RELAY_UP_KEY, RelayTicket
@@ -69,6 +69,7 @@ def get_split_runtime(cfg: RunConfig, node: NodeSettings, settings: SplitSetting
     key = (cfg.model, cfg.train.seed, settings.head_layers, settings.tail_layers, cache_dir)
     if key not in _RUNTIMES:
         t0 = time.time()
+        skip_unused_bitsandbytes(cfg)  # a deployed one-shot ClientApp at full precision
         path = resolve_model_path(cfg.model.name, cache_dir)
         tok = load_tokenizer(cfg.model.name, cache_dir)
         silo = SplitSilo.from_pretrained(cfg.model.name, settings, cfg.model.lora,

@@ -74,7 +74,7 @@ class SiloRuntime:
 
 _RUNTIMES: dict[tuple, SiloRuntime] = {}
 # Modes whose silos never quantize when model.quantization == 0 (lpp quantizes on its own).
-BITSANDBYTES_FREE_MODES = ("fedavg",)
+BITSANDBYTES_FREE_MODES = ("fedavg", "shield", "split")
 # Deployment starts one of these per message (ClientApp) or per run (ServerApp).
 ONE_SHOT_APP_PROCESSES = ("flwr-clientapp", "flwr-serverapp")
 

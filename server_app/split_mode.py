@@ -36,6 +36,7 @@ from fedshield_flwr.models.split import (
     SplitSettings,
     merge_adapter_states,
 )
+from fedshield_flwr.silo import skip_unused_bitsandbytes
 from fedshield_flwr.train import cosine_lr
 from fedshield_flwr.wire import decode_arrays, encode_arrays
 from strategies.split import RelayControl, SplitFedAvg, SplitShield
@@ -55,6 +56,7 @@ def load_middle(cfg: RunConfig, settings: SplitSettings
     unsplit LoRA would; the head/tail blocks, embeddings and LM head are then dropped, and of the
     silo-side LoRA only the shapes are kept.
     """
+    skip_unused_bitsandbytes(cfg)  # a deployed flwr-serverapp process at full precision
     peft = apply_lora(load_base_model(cfg.model.name, cfg.model.quantization), cfg.model.lora,
                       seed=cfg.train.seed)
     layout = SplitLayout.for_model(peft, settings.head_layers, settings.tail_layers)

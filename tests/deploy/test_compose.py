@@ -82,6 +82,25 @@ def test_split_relay_port_is_published_by_the_serverapp(compose):
     assert 9099 in [_port(p) for p in compose["services"]["serverapp"]["ports"]]
 
 
+def test_silos_reach_the_split_relay_on_the_coordinators_published_port_over_tls(compose):
+    """The documented split run config matches the compose file: port, host name, certificates."""
+    cfg = _documented_run_config("strategy.name='split'")
+    svc = compose["services"]
+    assert cfg["strategy.name"] == "split" and cfg["split.relay-bind"] == "0.0.0.0"
+    published = {_port(p): str(p.get("target") if isinstance(p, dict) else p).split(":")[-1]
+                 for p in svc["serverapp"]["ports"]}
+    assert published.get(cfg["split.relay-port"]) == str(cfg["split.relay-port"])
+    # Every ClientApp resolves the relay host to the Docker host (the published port), and has
+    # no other route to the coordinator's containers.
+    for i in SITES:
+        assert f"{cfg['split.relay-host']}:host-gateway" in svc[f"clientapp-{i}"]["extra_hosts"]
+        assert set(svc[f"clientapp-{i}"]["networks"]) == {f"site-{i}"}
+    # TLS: the three PEM files are mounted into the ServerApp container where the config says.
+    mounts = _mounts(svc["serverapp"])
+    for key in ("split.relay-ca-cert", "split.relay-server-cert", "split.relay-server-key"):
+        assert cfg[key] in mounts, f"{key}={cfg[key]} is not mounted into the serverapp"
+
+
 def test_each_silo_authenticates_with_its_own_key_and_keeps_its_own_data_and_cache(compose):
     svc = compose["services"]
     keys, data, caches = set(), set(), set()
@@ -99,6 +118,39 @@ def test_each_silo_authenticates_with_its_own_key_and_keeps_its_own_data_and_cac
         assert set(ca["networks"]) == {f"site-{i}"}
         assert set(sn["networks"]) == {"wan", f"site-{i}"}
     assert len(keys) == len(data) == len(caches) == len(SITES)
+
+
+def _documented_run_config(marker: str) -> dict:
+    """The ``--run-config`` of the compose run in docker/DEPLOY.md that contains ``marker``."""
+    from flwr.common.config import parse_config_args
+
+    text = (DOCKER / "DEPLOY.md").read_text().replace("\\\n", " ")
+    runs = re.findall(r'flwr run \. fedshield --stream --run-config "([^"]*)"', text)
+    (run,) = [r for r in runs if marker in r and "/app/results" in r]
+    return parse_config_args([run])
+
+
+def test_shield_keys_the_secret_file_on_every_site_only_the_public_one_on_the_coordinator(
+        compose):
+    from flwr.common.config import parse_config_args
+
+    cfg = _documented_run_config("strategy.name='shield'")
+    svc = compose["services"]
+    assert cfg["shield.auto-keys"] is False
+    server_dir, server_file = cfg["shield.server-key"].rsplit("/", 1)
+    assert server_file == "shield-server.key"
+    coordinator = _mounts(svc["serverapp"])[server_dir]
+    assert coordinator.rstrip("/").endswith("coordinator/shield")
+    sources = set()
+    for i in SITES:
+        (flag,) = [f for f in _flags(svc[f"supernode-{i}"]) if f.startswith("--node-config=")]
+        node = parse_config_args([flag.split("=", 1)[1]])
+        key_dir = node["shield-key"].rsplit("/", 1)[0]
+        mounts = _mounts(svc[f"clientapp-{i}"])  # the ClientApp, not the SuperNode, reads it
+        assert mounts[key_dir].rstrip("/").endswith(f"sites/site-{i}/shield")
+        assert mounts[node["export-dir"]].rstrip("/").endswith(f"sites/site-{i}/exports")
+        sources.add(mounts[key_dir])
+    assert coordinator not in sources and len(sources) == len(SITES)
 
 
 def test_runtime_dependency_installation_is_disabled_everywhere(compose):

@@ -1,18 +1,29 @@
-"""A real deployment on loopback: TLS, SuperNode authentication, resume after crashes, dropout.
+"""A real deployment on loopback: every mode, TLS, SuperNode authentication, resume, dropout.
 
 ``flower-superlink`` (HTTPS, ``--enable-supernode-auth``, ``--database``) and three
 ``flower-supernode`` processes with registered keys, ClientApps in ``subprocess`` isolation (one
 fresh process per message), ``flwr run . <connection> --stream`` from the CLI with its own
 ``FLWR_HOME``. Every process is started and stopped by PID (see ``fedshield_flwr/deploy.py``).
 
-The mode is a parameter: add an entry to ``MODES`` (its extra run config and node config) when a
-mode is ready for deployment.
+One deployment (one SuperLink, three SuperNodes) serves the whole module, as one federation
+serves many runs: every site's ``--node-config`` carries what any mode needs (its shield keyset,
+where it exports), and each mode's run brings its own run config. ``fedavg`` runs two rounds
+(the reference of the resume test); every other mode in ``MODES`` runs one round (with federated
+evaluation unless its run config turns it off) and its own checks. The crash tests (resume
+after a ServerApp and a SuperLink crash, a SuperNode dying mid-round) run ``fedavg`` only:
+their machinery is Flower's and the app's checkpointing, the same for every mode, and each
+costs minutes here.
+
+A mode becomes part of the deployment test with one line in ``MODES``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,47 +32,159 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedshield_flwr.deploy import LoopbackDeployment
+from fedshield_flwr.deploy import LoopbackDeployment, RunOutcome
+from fedshield_flwr.localsim import BIN, free_port
 
 pytestmark = pytest.mark.slow
 
-
-@dataclass(frozen=True)
-class ModeSetup:
-    run_config: str = ""      # extra --run-config of the mode
-    node_config: str = ""     # extra --node-config of every site
-
-
-MODES = {"fedavg": ModeSetup()}
 SITES = 3
 TINY = ("model.name='tiny:llama' train.max-steps=2 train.batch-size=4 train.progress=false "
         "data.max-eval-examples=8 data.max-length=64 num-server-rounds=2 ")
 NO_EVAL = "strategy.fraction-evaluate=0.0 "
+ALL_SITES = "strategy.min-available-nodes=3 "
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
-@pytest.fixture(scope="module", params=sorted(MODES))
-def mode(request) -> str:
-    return request.param
+@dataclass(frozen=True)
+class OneRound:
+    """A finished one-round run of a mode on the deployment, for the mode's own checks."""
+
+    out: RunOutcome
+    results: Path    # results.dir of the run (the ServerApp's side)
+    facts: dict      # what the run config and node configs were filled in with
+
+    @property
+    def run_dir(self) -> Path:
+        return (self.results / "latest").resolve()
+
+    def rounds(self) -> list[dict]:
+        return _metrics(self.results)
+
+    def checkpoint(self, rnd: int = 1) -> dict[str, np.ndarray]:
+        return load_file(str(self.run_dir / "checkpoints" / f"round-{rnd:04d}.safetensors"))
+
+    def site_export(self, index: int) -> Path:
+        return Path(self.facts["exports"]) / f"site-{index}"
+
+
+@dataclass(frozen=True)
+class ModeSetup:
+    """What a mode needs on top of ``TINY`` in this deployment.
+
+    ``run_config`` and ``node_config`` may name facts of the deployment, filled in with
+    ``str.format``: ``{keys}`` (the directory ``fedshield keys init`` wrote) and ``{exports}``
+    (where sites export adapters) in both; ``{site}`` (the site's index) in ``node_config``;
+    ``{ca}``, ``{cert}``, ``{key}`` (the deployment's TLS files) and ``{port}`` (a free port the
+    test owns, for a listener the ServerApp opens) in ``run_config``. Every site's node config
+    holds every mode's ``node_config`` (one deployment serves all modes). ``check(run)`` adds
+    the mode's own assertions to the common ones of :func:`test_one_round_of_each_mode...`.
+    """
+
+    run_config: str = ""
+    node_config: str = ""
+    check: Callable[[OneRound], None] | None = None
+
+
+def _check_shield(run: OneRound) -> None:
+    """The ServerApp holds ciphertexts only; every silo decrypts and exports the same adapter."""
+    from fedshield_flwr.crypto import AggregateLog, ServerKeyset
+
+    ckpt = run.checkpoint(1)
+    assert list(ckpt) == ["aggregate-log"] and ckpt["aggregate-log"].dtype == np.uint8
+    # The checkpoint is a valid encrypted log under the provisioned keyset (public part only).
+    server_key = ServerKeyset.load(Path(run.facts["keys"]) / "shield-server.key")
+    assert AggregateLog.from_bytes(server_key, ckpt["aggregate-log"].tobytes()).latest_round == 1
+    # No plaintext tensor anywhere in the server's results: no adapter, no float checkpoint.
+    assert not (run.run_dir / "adapter").exists()
+    for path in run.run_dir.rglob("*.safetensors"):
+        assert all(v.dtype == np.uint8 for v in load_file(str(path)).values()), path
+    # The ServerApp loaded the provisioned server file (no per-run keys: shield.auto-keys=false).
+    assert f"server keyset {server_key.key_id} loaded (public material only)" in run.out.output
+    # Each site exported the final global adapter it decrypted; they all hold the same one.
+    exports = [load_file(str(run.site_export(i) / ADAPTER_FILE)) for i in range(SITES)]
+    first = exports[0]
+    assert first and all(k.endswith(".weight") and "lora_" in k for k in first)
+    for other in exports[1:]:
+        _assert_same_adapter(first, other)
+    # LoRA B starts at zero on every silo: non-zero means round 1's aggregate was applied.
+    assert any(np.abs(v).max() > 0 for k, v in first.items() if "lora_B" in k)
+
+
+def _check_split(run: OneRound) -> None:
+    """The middle trained through the relay (TLS, the test's port); head + tail were averaged."""
+    r = run.rounds()[1]
+    assert f"silos dial 127.0.0.1:{run.facts['port']} (TLS)" in run.out.output, \
+        run.out.output[-3000:]
+    assert "split: relay stopped" in run.out.output
+    assert r["relay_silo_steps"] == SITES * 2  # 3 silos x train.max-steps=2, all via the relay
+    assert r["relay_rejected_auth"] == 0 and r["relay_rejected_frames"] == 0
+    assert r["relay_bytes_up"] > 0 and r["relay_bytes_down"] > 0
+    ckpt = run.checkpoint(1)
+    silo = {k[len("silo/"):]: v for k, v in ckpt.items() if k.startswith("silo/")}
+    middle = {k[len("middle/"):]: v for k, v in ckpt.items() if k.startswith("middle/")}
+    assert silo and middle and len(silo) + len(middle) == len(ckpt)
+    assert all(np.all(np.isfinite(v)) for v in ckpt.values())
+    # The aggregate of the silos' head + tail adapters (B is zero at init: it moved), and the
+    # middle adapter the relay trained.
+    assert any(np.abs(v).max() > 0 for k, v in silo.items() if "lora_B" in k)
+    assert any(np.abs(v).max() > 0 for k, v in middle.items() if "lora_B" in k)
+    exported = load_file(str(run.run_dir / "adapter" / ADAPTER_FILE))
+    assert exported.keys() == silo.keys() | middle.keys()
+
+
+MODES = {
+    "fedavg": ModeSetup(),
+    "shield": ModeSetup(
+        run_config="shield.auto-keys=false shield.server-key='{keys}/shield-server.key'",
+        node_config="shield-key='{keys}/shield-silo.key' export-dir='{exports}/site-{site}'",
+        check=_check_shield),
+    "split": ModeSetup(  # evaluation through the relay: tests/test_simulation.py (saves ~40 s)
+        run_config=NO_EVAL + "split.relay-host='127.0.0.1' split.relay-bind='127.0.0.1' "
+                   "split.relay-port={port} split.relay-ca-cert='{ca}' "
+                   "split.relay-server-cert='{cert}' split.relay-server-key='{key}'",
+        check=_check_split),
+}
+# fedavg's two-round reference run (test_rounds_run_over_tls...) is its round over the deployment.
+ONE_ROUND_MODES = sorted(m for m in MODES if m != "fedavg")
 
 
 @pytest.fixture(scope="module")
-def deployment(mode, tmp_path_factory):
-    setup = MODES[mode]
-    configs = [f"partition-id={i} num-partitions={SITES} {setup.node_config}".strip()
+def shield_keys(tmp_path_factory) -> Path:
+    """A shield keyset provisioned as an operator does: ``fedshield keys init --out DIR``."""
+    out = tmp_path_factory.mktemp("shield-keys")
+    done = subprocess.run([str(BIN / "fedshield"), "keys", "init", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "shield-silo.key").exists() and (out / "shield-server.key").exists()
+    return out
+
+
+@pytest.fixture(scope="module")
+def facts(shield_keys, tmp_path_factory) -> dict:
+    """Deployment facts the modes' configs name (TLS paths are added by ``deployment``)."""
+    return {"keys": str(shield_keys), "exports": str(tmp_path_factory.mktemp("site-exports"))}
+
+
+@pytest.fixture(scope="module")
+def deployment(facts, tmp_path_factory):
+    extra = " ".join(m.node_config for m in MODES.values() if m.node_config)
+    configs = [f"partition-id={i} num-partitions={SITES} {extra}".format(site=i, **facts).strip()
                for i in range(SITES)]
-    dep = LoopbackDeployment(tmp_path_factory.mktemp(f"deploy-{mode}"), num_sites=SITES,
+    dep = LoopbackDeployment(tmp_path_factory.mktemp("deploy"), num_sites=SITES,
                              node_configs=configs)
     try:
         dep.start()
+        assert dep.certs is not None
+        facts.update(ca=dep.certs.ca_cert, cert=dep.certs.server_cert, key=dep.certs.server_key)
         yield dep
     finally:
         dep.stop()
     assert dep.running_pids() == [], "a deployment process outlived the test"
 
 
-def _cfg(mode: str, results: Path, extra: str = "") -> str:
-    return (f"{TINY}strategy.name='{mode}' {MODES[mode].run_config} "
-            f"results.dir='{results}' {extra}")
+def _cfg(mode: str, results: Path, extra: str = "", facts: dict | None = None) -> str:
+    mode_cfg = MODES[mode].run_config.format(**(facts or {}))
+    return f"{TINY}strategy.name='{mode}' {mode_cfg} results.dir='{results}' {extra}"
 
 
 def _metrics(results: Path) -> list[dict]:
@@ -77,25 +200,24 @@ def _checkpoint(results: Path, rnd: int) -> bool:
 
 
 def _adapter(results: Path) -> dict[str, np.ndarray]:
-    return load_file(str((results / "latest").resolve() / "adapter" / "adapter_model.safetensors"))
+    return load_file(str((results / "latest").resolve() / "adapter" / ADAPTER_FILE))
 
 
 def _assert_same_adapter(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        assert np.array_equal(a[k], b[k]), f"tensor {k} differs from the uninterrupted run"
+        assert np.array_equal(a[k], b[k]), f"tensor {k} differs"
 
 
 @pytest.fixture(scope="module")
-def reference(deployment, mode, tmp_path_factory):
-    """An uninterrupted 2-round run: the baseline the resumed runs must match bit for bit.
+def reference(deployment, tmp_path_factory):
+    """An uninterrupted 2-round fedavg run: the baseline the resumed runs must match bit for bit.
 
     Federated evaluation is off here (it never changes the adapter; the resumed run of
     test_resume_after_the_serverapp_is_killed... exercises it), to keep the suite short.
     """
-    results = tmp_path_factory.mktemp(f"ref-{mode}")
-    out = deployment.run(_cfg(mode, results, NO_EVAL + "strategy.min-available-nodes=3"),
-                         timeout=900)
+    results = tmp_path_factory.mktemp("ref-fedavg")
+    out = deployment.run(_cfg("fedavg", results, NO_EVAL + ALL_SITES), timeout=900)
     return out, results
 
 
@@ -108,7 +230,7 @@ def test_rounds_run_over_tls_with_registered_supernodes(deployment, reference):
     for r in rounds[1:]:
         assert r["replies"] == SITES and r["failures"] == 0
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and np.isfinite(r["train_loss"])
-    assert (results / "latest" / "adapter" / "adapter_model.safetensors").exists()
+    assert (results / "latest" / "adapter" / ADAPTER_FILE).exists()
     # Every site is the node its key was registered as; the SuperLink speaks HTTPS only.
     status = deployment.node_status()
     assert {s.node_id for s in deployment.sites} == set(status)
@@ -116,6 +238,26 @@ def test_rounds_run_over_tls_with_registered_supernodes(deployment, reference):
     assert "Uvicorn running on https://" in deployment.superlink.log.read_text()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://{deployment.address}/health", timeout=5).raise_for_status()
+
+
+@pytest.mark.parametrize("mode", ONE_ROUND_MODES)
+def test_one_round_of_each_mode_completes_on_the_deployment(deployment, facts, mode, tmp_path):
+    run_facts = dict(facts, port=free_port())
+    cfg = _cfg(mode, tmp_path, ALL_SITES, run_facts).replace(
+        "num-server-rounds=2", "num-server-rounds=1")
+    out = deployment.run(cfg, timeout=900)
+    assert out.run_id is not None and "[round 1/1]" in out.output, out.output[-3000:]
+    rounds = _metrics(tmp_path)
+    assert [r["round"] for r in rounds] == [0, 1], out.output[-3000:]
+    r = rounds[1]
+    assert r["replies"] == SITES and r["failures"] == 0, out.output[-3000:]
+    assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+    assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0
+    if NO_EVAL not in cfg:
+        assert r["eval_loss"] is not None and math.isfinite(r["eval_loss"])
+    assert _checkpoint(tmp_path, 1)
+    if MODES[mode].check is not None:
+        MODES[mode].check(OneRound(out, tmp_path, run_facts))
 
 
 def test_an_unregistered_supernode_is_rejected(deployment):
@@ -129,8 +271,8 @@ def test_an_unregistered_supernode_is_rejected(deployment):
 
 
 def test_resume_after_a_serverapp_crash_then_a_superlink_crash_matches_the_uninterrupted_run(
-        deployment, reference, mode, tmp_path):
-    cfg = _cfg(mode, tmp_path, NO_EVAL + "strategy.min-available-nodes=3")
+        deployment, reference, tmp_path):
+    cfg = _cfg("fedavg", tmp_path, NO_EVAL + ALL_SITES)
 
     # 1. The ServerApp dies right after round 1 (its checkpoint is on disk).
     crashed = deployment.run(cfg, until=lambda _: _checkpoint(tmp_path, 1))
@@ -168,9 +310,9 @@ def test_resume_after_a_serverapp_crash_then_a_superlink_crash_matches_the_unint
 
 
 def test_a_supernode_killed_mid_round_is_dropped_then_rejoins_and_catches_up(
-        deployment, mode, tmp_path):
+        deployment, tmp_path):
     victim = deployment.sites[2]
-    cfg = _cfg(mode, tmp_path, NO_EVAL + "strategy.min-available-nodes=2 "
+    cfg = _cfg("fedavg", tmp_path, NO_EVAL + "strategy.min-available-nodes=2 "
                "strategy.min-train-nodes=2 strategy.round-timeout=300.0").replace(
         "num-server-rounds=2", "num-server-rounds=3")
     state = {"killed_at": None, "rejoined_as": None}

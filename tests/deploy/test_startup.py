@@ -2,8 +2,8 @@
 
 In deployment every message starts a fresh ``flwr-clientapp`` process; these tests pin down that a
 warm process reads its rows from the on-disk cache (no ``datasets`` import, no tokenization), that
-a full-precision fedavg silo does not import bitsandbytes, and that neither shortcut changes
-what is trained.
+a full-precision fedavg, shield or split silo (and the split ServerApp) does not import
+bitsandbytes, and that neither shortcut changes what is trained.
 """
 
 from __future__ import annotations
@@ -116,11 +116,12 @@ def test_cached_rows_equal_freshly_tokenized_rows(tmp_path):
     assert hit.train == fresh.train and hit.eval == fresh.eval and hit.source == fresh.source
 
 
-def test_bitsandbytes_is_hidden_only_in_a_fedavg_clientapp_process_at_full_precision(
-        monkeypatch):
+@pytest.mark.parametrize("mode", ["fedavg", "shield", "split"])
+def test_bitsandbytes_is_hidden_only_in_a_one_shot_app_process_at_full_precision(
+        monkeypatch, mode):
     from fedshield_flwr.silo import skip_unused_bitsandbytes
 
-    cfg = RunConfig.from_flat(tiny_run_config())
+    cfg = RunConfig.from_flat(tiny_run_config(**{"strategy.name": mode}))
     assert not skip_unused_bitsandbytes(cfg)  # a pytest process serves many configurations
     saved = {m: sys.modules.pop(m) for m in ("peft", "bitsandbytes") if m in sys.modules}
     monkeypatch.setattr(sys, "argv", ["/venv/bin/flwr-clientapp", "--token", "x"])
@@ -167,3 +168,28 @@ def test_a_warm_clientapp_process_skips_datasets_and_bitsandbytes_and_still_trai
     assert not warm["datasets"], "a cache hit must not import `datasets`"
     assert not warm["bitsandbytes"] and not cold["bitsandbytes"]
     assert warm["loss"] == cold["loss"]  # the cached rows train exactly like fresh ones
+
+
+def test_split_silo_and_server_runtimes_hide_bitsandbytes_before_building_the_model(
+        monkeypatch):
+    """split builds its own runtimes (head + tail on the silo, the middle on the server)."""
+    import client_app.split as silo_split
+    import server_app.modes  # noqa: F401  (defines ServerMode, then imports split_mode)
+    import server_app.split_mode as server_split
+    from fedshield_flwr.models.split import SplitSettings
+
+    calls: list[str] = []
+
+    def spy(cfg: RunConfig) -> bool:
+        calls.append(cfg.strategy.name)
+        return False
+
+    monkeypatch.setattr(silo_split, "skip_unused_bitsandbytes", spy)
+    monkeypatch.setattr(server_split, "skip_unused_bitsandbytes", spy)
+    monkeypatch.setattr(silo_split, "_RUNTIMES", {})
+    cfg = RunConfig.from_flat(tiny_run_config(**{"strategy.name": "split"}))
+    settings = SplitSettings.from_run_config(cfg)
+    silo_split.get_split_runtime(cfg, NodeSettings(0, 3), settings)
+    assert calls == ["split"]
+    server_split.load_middle(cfg, settings)
+    assert calls == ["split", "split"]
