@@ -72,8 +72,8 @@ class ModeSetup:
     """What a mode needs on top of ``TINY`` in this deployment.
 
     ``run_config`` and ``node_config`` may name facts of the deployment, filled in with
-    ``str.format``: ``{keys}`` (the directory ``fedshield keys init`` wrote) and ``{exports}``
-    (where sites export adapters) in both; ``{site}`` (the site's index) in ``node_config``;
+    ``str.format``: ``{keys}`` (the directory ``fedshield keys init`` wrote), ``{exports}``
+    (where sites export adapters) and ``{caches}`` (parent of the sites' caches) in both; ``{site}`` (the site's index) in ``node_config``;
     ``{ca}``, ``{cert}``, ``{key}`` (the deployment's TLS files) and ``{port}`` (a free port the
     test owns, for a listener the ServerApp opens) in ``run_config``. Every site's node config
     holds every mode's ``node_config`` (one deployment serves all modes). ``check(run)`` adds
@@ -132,8 +132,27 @@ def _check_split(run: OneRound) -> None:
     assert exported.keys() == silo.keys() | middle.keys()
 
 
+def _check_lpp(run: OneRound) -> None:
+    """The quantized base went down once per site with round 1; the server kept fp32."""
+    from fedshield_flwr.models.quantize import load_or_build_package
+
+    pkg = load_or_build_package("tiny:llama")  # the ServerApp built it in the shared test cache
+    r0, r1 = run.rounds()
+    assert r0["bytes_down"] == 0  # no federated evaluation: round 1 is the first contact
+    assert r1["bytes_down"] > SITES * pkg.nbytes  # each site received the package once
+    assert f"0 of {SITES} asked silos hold base {pkg.content_hash[:12]}" in run.out.output
+    for r in (r0, r1):  # the IP margin, measured on the server every round
+        assert math.isfinite(r["server_eval_loss"]) and math.isfinite(r["proxy_eval_loss"])
+    ckpt = run.checkpoint(1)
+    assert ckpt and all(v.dtype == np.float32 for v in ckpt.values())
+    assert (run.run_dir / "adapter" / ADAPTER_FILE).exists()
+
+
 MODES = {
     "fedavg": ModeSetup(),
+    "lpp": ModeSetup(run_config=NO_EVAL + "lpp.eval-partitions=2",
+                     node_config="cache-dir='{caches}/site-{site}'",  # each site its own disk
+                     check=_check_lpp),
     "shield": ModeSetup(
         run_config="shield.auto-keys=false shield.server-key='{keys}/shield-server.key'",
         node_config="shield-key='{keys}/shield-silo.key' export-dir='{exports}/site-{site}'",
@@ -162,7 +181,8 @@ def shield_keys(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def facts(shield_keys, tmp_path_factory) -> dict:
     """Deployment facts the modes' configs name (TLS paths are added by ``deployment``)."""
-    return {"keys": str(shield_keys), "exports": str(tmp_path_factory.mktemp("site-exports"))}
+    return {"keys": str(shield_keys), "exports": str(tmp_path_factory.mktemp("site-exports")),
+            "caches": str(tmp_path_factory.mktemp("site-caches"))}
 
 
 @pytest.fixture(scope="module")
