@@ -4,7 +4,10 @@ Runs the demo setup (3 silos, the embedded SmolLM2-135M-Instruct, chatterbot Q/A
 rounds as ``make demo``) three times with ``flwr run`` as a local simulation and compares the
 final held-out eval loss. Dense shield computes the same weighted mean as fedavg (the CKKS error
 is ~1e-8); pruned shield sends 25% of the update blocks per round and keeps the rest as a residual
-(error feedback), so part of each update arrives a round or more later.
+(error feedback), so part of each update arrives a round or more later. Its mask is the
+prioritized round robin of ``fedshield_flwr.crypto.pruning`` (LoRA-B blocks are sent
+``shield.prune-lead-weight`` times as often as the rest); the JSON records every ``shield.*``
+setting of each run, schedule included.
 
     .venv/bin/python benchmarks/shield_quality.py                 # the demo setup
     .venv/bin/python benchmarks/shield_quality.py --model tiny:llama --rounds 3   # quick check

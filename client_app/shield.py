@@ -28,7 +28,7 @@ STATE_KEY, GLOBAL_KEY = "shield.state", "shield.global"
 
 def schedule_of(sh: ShieldSettings) -> PruneSchedule:
     return PruneSchedule(target=sh.prune_ratio, start_round=sh.prune_start_round,
-                         ramp_rounds=sh.prune_ramp_rounds)
+                         ramp_rounds=sh.prune_ramp_rounds, lead_weight=sh.prune_lead_weight)
 
 
 def _restore(context: Context, initial) -> tuple[OrderedDict, SiloState]:

@@ -261,6 +261,7 @@ class ShieldSettings:
     prune_ratio: float = 0.0  # target fraction of blocks NOT sent each round (0 = dense)
     prune_start_round: int = 1
     prune_ramp_rounds: int = 0  # linear ramp from 0 to prune_ratio over this many rounds
+    prune_lead_weight: float = 4.0  # a LoRA-B block is sent this many times as often as another
     auto_keys: bool = True  # simulation: silos provision a per-run keyset in the shared cache
     server_key: str = ""  # deployment: path of shield-server.key on the coordinator
     weight_scale: float = 1e-3  # aggregation weight = num-examples * weight_scale (ratios only)
@@ -273,6 +274,7 @@ class ShieldSettings:
             prune_ratio=float(sec.get("prune-ratio", 0.0)),
             prune_start_round=int(sec.get("prune-start-round", 1)),
             prune_ramp_rounds=int(sec.get("prune-ramp-rounds", 0)),
+            prune_lead_weight=float(sec.get("prune-lead-weight", 4.0)),
             auto_keys=bool(sec.get("auto-keys", True)),
             server_key=str(sec.get("server-key", "")),
             weight_scale=float(sec.get("weight-scale", 1e-3)),
@@ -281,6 +283,8 @@ class ShieldSettings:
         _check(0.0 <= s.prune_ratio < 1.0, "shield.prune-ratio", s.prune_ratio,
                "in [0, 1); it is clamped to 0.99")
         _check(s.prune_start_round >= 1, "shield.prune-start-round", s.prune_start_round, ">= 1")
+        _check(math.isfinite(s.prune_lead_weight) and s.prune_lead_weight >= 1.0,
+               "shield.prune-lead-weight", s.prune_lead_weight, ">= 1 (1 = no priority)")
         _check(s.weight_scale > 0, "shield.weight-scale", s.weight_scale, "> 0")
         return s
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,6 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UpdateError
+
+# LoRA's B factors (PEFT names: ``...lora_B.weight``, ``...lora_embedding_B``): they start at zero
+LEAD_TENSOR = re.compile(r"(^|\.)lora_(embedding_)?B(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,11 @@ class AdapterLayout:
         """Hex digest of names and shapes; equal on silos that run the same model and LoRA."""
         raw = json.dumps([self.names, self.shapes]).encode()
         return hashlib.sha256(raw).hexdigest()[:16]
+
+    @property
+    def lead_tensors(self) -> tuple[bool, ...]:
+        """Whether each tensor is a LoRA ``B`` factor (the pruning mask sends those first)."""
+        return tuple(bool(LEAD_TENSOR.search(n)) for n in self.names)
 
     def num_blocks(self, block_size: int) -> int:
         """Blocks of ``block_size`` values needed to hold the vector (last one zero-padded)."""

@@ -39,6 +39,7 @@ from .payload import Payload, decode_payload
 from .pruning import (
     PruneSchedule,
     block_mask,
+    block_tiers,
     kept_block_count,
     scatter_blocks,
     split_with_residual,
@@ -252,8 +253,8 @@ def encrypt_update(
         )
     block = params.values_per_block
     total_blocks = layout.num_blocks(block)
-    ratio = (schedule or PruneSchedule()).ratio(server_round)
-    kept = block_mask(total_blocks, ratio, server_round, keyset.mask_secret)
+    tiers = block_tiers(layout.sizes, layout.lead_tensors, block)
+    kept = block_mask(total_blocks, server_round, keyset.mask_secret, schedule, tiers)
     sent, residual = split_with_residual(vector, state.residual, kept, block)
     weighted = sent * weight
     peak = float(np.abs(weighted).max()) if weighted.size else 0.0

@@ -1,4 +1,4 @@
-"""Block pruning: ratio schedule, identical masks on all silos, error feedback loses nothing."""
+"""Block pruning: ratio schedule, identical prioritized masks on all silos, error feedback."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fedshield_flwr.crypto import (
     RoundAccumulator,
     SiloKeyset,
     block_mask,
+    block_tiers,
     encrypt_update,
     generate_keyset,
     kept_block_count,
@@ -40,24 +41,38 @@ def test_ratio_schedule_clamps_to_0_and_0_99_and_ramps_linearly():
         PruneSchedule(target=float("nan"))
 
 
+def _lora_tiers(layers: int = 4) -> np.ndarray:
+    """Tiers of a SmolLM2-like q,k,v,o LoRA r=8 adapter (PEFT order: A then B per module)."""
+    sizes, lead = [], []
+    for _ in range(layers):
+        for d_in, d_out in ((576, 192), (576, 576), (576, 576), (576, 192)):  # k, o, q, v
+            sizes += [8 * d_in, 8 * d_out]
+            lead += [False, True]
+    return block_tiers(sizes, lead, 2048)
+
+
 def test_mask_is_identical_across_silos_and_honours_the_ratio(keys):
     silo, server = keys
     # two silos load the same keyset file independently
     silo_a, silo_b = SiloKeyset.from_bytes(silo.to_bytes()), SiloKeyset.from_bytes(silo.to_bytes())
+    tiers = np.arange(900) % 3 == 0
     for ratio in (0.0, 0.5, 0.75, 0.9, 0.99):
+        schedule = PruneSchedule(target=ratio)
         for rnd in (1, 2, 7):
-            mask_a = block_mask(900, ratio, rnd, silo_a.mask_secret)
-            mask_b = block_mask(900, ratio, rnd, silo_b.mask_secret)
-            np.testing.assert_array_equal(mask_a, mask_b)
-            assert mask_a.size == kept_block_count(900, ratio)
-            assert 0 <= ratio - (1 - mask_a.size / 900) < 1 / 900 + 1e-12
-            assert np.all(np.diff(mask_a) > 0)
-    assert not np.array_equal(block_mask(900, 0.75, 1, silo.mask_secret),
-                              block_mask(900, 0.75, 2, silo.mask_secret))
-    # another federation (another secret) gets other masks: the server cannot predict them
+            for t in (None, tiers.astype(np.int8)):
+                mask_a = block_mask(900, rnd, silo_a.mask_secret, schedule, t)
+                mask_b = block_mask(900, rnd, silo_b.mask_secret, schedule, t)
+                np.testing.assert_array_equal(mask_a, mask_b)
+                assert mask_a.size == kept_block_count(900, ratio)
+                assert 0 <= ratio - (1 - mask_a.size / 900) < 1 / 900 + 1e-12
+                assert np.all(np.diff(mask_a) > 0)
+    p75 = PruneSchedule(target=0.75)
+    assert not np.array_equal(block_mask(900, 1, silo.mask_secret, p75),
+                              block_mask(900, 2, silo.mask_secret, p75))
+    # another federation (another secret) gets other masks
     other, _ = generate_keyset()
-    assert not np.array_equal(block_mask(900, 0.75, 1, silo.mask_secret),
-                              block_mask(900, 0.75, 1, other.mask_secret))
+    assert not np.array_equal(block_mask(900, 1, silo.mask_secret, p75),
+                              block_mask(900, 1, other.mask_secret, p75))
     # end to end: three silos' payloads carry the same blocks and the server accepts them
     schedule = PruneSchedule(target=0.5)
     acc = RoundAccumulator(server, 3, schedule=schedule)
@@ -67,6 +82,78 @@ def test_mask_is_identical_across_silos_and_honours_the_ratio(keys):
         acc.add(payload, silo=str(i))
     record = acc.finalize()
     assert record.num_blocks == kept_block_count(14, 0.5) == 7
+
+
+def test_mask_depends_only_on_public_schedule_secret_and_round_not_on_any_update(keys):
+    silo, _ = keys
+    schedule = PruneSchedule(target=0.75)
+    masks = []
+    for seed in (1, 2):  # different data, different residuals: the same blocks
+        state = None
+        for rnd in (1, 2, 3):
+            _, state = encrypt_update(silo, make_update(seed * 10 + rnd, scale=10.0 ** -seed),
+                                      server_round=rnd, silo="a", weight=1.0,
+                                      schedule=schedule, state=state)
+            masks.append(state.last_upload.blocks)
+    for a, b in zip(masks[:3], masks[3:]):
+        np.testing.assert_array_equal(a, b)
+    # a silo that missed rounds computes round 3's mask directly (no history needed)
+    tiers = block_tiers(AdapterLayout.from_state(make_update(0)).sizes,
+                        AdapterLayout.from_state(make_update(0)).lead_tensors, 2048)
+    np.testing.assert_array_equal(block_mask(14, 3, silo.mask_secret, schedule, tiers),
+                                  masks[2])
+
+
+def test_tiers_mark_blocks_that_are_mostly_lora_b():
+    layout = AdapterLayout.from_state(make_update(0))
+    assert layout.lead_tensors == (False, True, False)
+    # A: 9216 values (blocks 0-3 and 1024 of block 4), B: 9216 (rest of 4 .. 1/2 of 9), A ...
+    tiers = block_tiers(layout.sizes, layout.lead_tensors, 2048)
+    np.testing.assert_array_equal(tiers, [1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    assert set(block_tiers([10, 10], [False, False], 4).tolist()) == {1}
+    names = ["m.lora_A.weight", "m.lora_B.weight", "e.lora_embedding_B", "lora_Bx", "norm"]
+    lay = AdapterLayout(tuple(names), ((1,),) * 5)
+    assert lay.lead_tensors == (False, True, True, False, False)
+
+
+def test_round_robin_sends_lead_blocks_first_and_every_block_within_its_period():
+    tiers = _lora_tiers(layers=30)  # 450 blocks, 180 mostly LoRA B (the demo adapter)
+    lead = np.flatnonzero(tiers == 0)
+    assert lead.size == 180
+    schedule = PruneSchedule(target=0.75, lead_weight=4.0)
+    masks = [block_mask(450, rnd, b"secret", schedule, tiers) for rnd in range(1, 61)]
+    assert all(m.size == 113 for m in masks)
+    # round 1 sends lead blocks only, and the first two rounds cover all of them
+    assert np.all(tiers[masks[0]] == 0)
+    assert np.all(np.isin(lead, np.concatenate(masks[:2])))
+    # afterwards every block recurs at a bounded period, lead blocks ~4x as often
+    last_sent = np.zeros(450, dtype=int)
+    gaps = {0: [], 1: []}
+    for rnd, mask in enumerate(masks, start=1):
+        for b in mask:
+            if last_sent[b]:
+                gaps[int(tiers[b])].append(rnd - last_sent[b])
+        last_sent[mask] = rnd
+    assert np.all(last_sent > 40)  # nobody waits forever: delayed, not lost
+    assert max(gaps[0]) <= 3 and max(gaps[1]) <= 12
+    assert 3 < np.mean(gaps[1][-200:]) / np.mean(gaps[0][-200:]) < 5
+    # lead_weight 1 is a plain round robin: 450 blocks at 113 a round cover all in 4 rounds
+    flat_rr = PruneSchedule(target=0.75, lead_weight=1.0)
+    cover = np.unique(np.concatenate([block_mask(450, r, b"s", flat_rr) for r in (1, 2, 3, 4)]))
+    assert cover.size == 450
+    # asking for rounds out of order (a restarted or catching-up silo) gives the same masks
+    again = [block_mask(450, rnd, b"secret", schedule, tiers) for rnd in (7, 3, 60, 1)]
+    for rnd, mask in zip((7, 3, 60, 1), again):
+        np.testing.assert_array_equal(mask, masks[rnd - 1])
+    with pytest.raises(ValueError):
+        PruneSchedule(lead_weight=0.5)
+
+
+def test_dense_rounds_send_everything_and_the_walk_continues_after_them():
+    tiers = _lora_tiers(layers=2)
+    ramp = PruneSchedule(target=0.75, start_round=3)
+    assert block_mask(30, 1, b"s", ramp, tiers).size == 30
+    assert block_mask(30, 3, b"s", ramp, tiers).size == kept_block_count(30, 0.75)
 
 
 def test_error_feedback_sent_over_rounds_plus_residual_equals_sum_of_updates():
@@ -79,7 +166,7 @@ def test_error_feedback_sent_over_rounds_plus_residual_equals_sum_of_updates():
     blocks = -(-size // block)
     for rnd in range(1, 9):
         update = rng.standard_normal(size) * 1e-2
-        kept = block_mask(blocks, schedule.ratio(rnd), rnd, b"secret")
+        kept = block_mask(blocks, rnd, b"secret", schedule)
         sent, residual = split_with_residual(update, residual, kept, block)
         assert sent.shape == (kept.size, block)
         total_update += update
