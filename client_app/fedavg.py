@@ -30,21 +30,25 @@ def _setup(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     cfg, node, server_round, rt, adapter, load_s, decode_s = _setup(msg, context)
     result = train_round(rt, cfg, node, server_round, adapter)
-    t0 = time.time()
-    arrays: ArrayRecord = encode_arrays(rt.adapter_state())
-    encode_s = time.time() - t0
     log.info("silo %d round %d: train_loss=%.4f (%d steps, %.1f s)", node.partition_id,
              server_round, result.loss, result.steps, result.seconds)
+    return train_reply(msg, rt, result, server_round, load_s, decode_s)
+
+
+def train_reply(msg: Message, rt, result, server_round: int, load_s: float,
+                decode_s: float) -> Message:
+    """The reply a plaintext-adapter silo sends after training: its adapter + ``TrainResult``."""
+    t0 = time.time()
+    arrays: ArrayRecord = encode_arrays(rt.adapter_state())
     metrics = MetricRecord({
         "train_loss": result.loss,
         "num-examples": result.num_examples,
         "server-round": server_round,
         "load-seconds": load_s,
         "train-seconds": result.seconds,
-        "serialize-seconds": decode_s + encode_s,
+        "serialize-seconds": decode_s + time.time() - t0,
     })
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-
 
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, server_round, rt, adapter, load_s, _ = _setup(msg, context)

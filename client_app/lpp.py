@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedshield_flwr.config import NodeSettings, RunConfig
 from fedshield_flwr.lpp import ADAPTER_RECORD, BASE_RECORD, HASH_KEY, has_cached_base, silo_runtime
 from fedshield_flwr.models.adapter_quant import adapter_from_arrays, dequantize_adapter
+from fedshield_flwr.models.lora import AdapterMismatchError, check_adapter_state
 from fedshield_flwr.silo import evaluate_round, train_round
-from fedshield_flwr.wire import PayloadError, decode_arrays, encode_arrays
+from fedshield_flwr.wire import PayloadError, decode_arrays
 
-from .fedavg import evaluate_reply
+from .fedavg import evaluate_reply, train_reply
 
 log = logging.getLogger("fedshield.silo")
 
@@ -55,32 +56,21 @@ def _setup(msg: Message, context: Context):
         raise PayloadError(f"{who} carries no '{ADAPTER_RECORD}' (k-bit global adapter)")
     qa = adapter_from_arrays(decode_arrays(msg.content[ADAPTER_RECORD], who), who)
     adapter = dequantize_adapter(qa)
-    template = rt.adapter_state()
-    if list(adapter) != list(template) or any(adapter[k].shape != template[k].shape
-                                              for k in template):
-        raise PayloadError(f"{who}: the k-bit adapter does not match this silo's LoRA "
-                           "(model.lora settings differ between server and silo)")
+    try:
+        check_adapter_state(rt.adapter_state(), adapter, who)
+    except AdapterMismatchError as exc:
+        raise PayloadError(f"{exc} (the k-bit adapter does not match this silo's LoRA: "
+                           "model.lora settings differ between server and silo)") from exc
     return cfg, node, server_round, rt, adapter, load_s, time.time() - t0, base is not None
 
 
 def train(msg: Message, context: Context) -> Message:
     cfg, node, server_round, rt, adapter, load_s, decode_s, got_base = _setup(msg, context)
     result = train_round(rt, cfg, node, server_round, adapter)
-    t0 = time.time()
-    arrays = encode_arrays(rt.adapter_state())
     log.info("silo %d round %d: train_loss=%.4f (%d steps, %.1f s, quantized base%s)",
              node.partition_id, server_round, result.loss, result.steps, result.seconds,
              " received" if got_base else " from cache")
-    metrics = MetricRecord({
-        "train_loss": result.loss,
-        "num-examples": result.num_examples,
-        "server-round": server_round,
-        "load-seconds": load_s,
-        "train-seconds": result.seconds,
-        "serialize-seconds": decode_s + time.time() - t0,
-    })
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-
+    return train_reply(msg, rt, result, server_round, load_s, decode_s)
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate what this silo holds: quantized base + k-bit global adapter."""
