@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,10 +17,19 @@ def pytest_configure(config):
     # unless the caller points FEDSHIELD_CACHE somewhere on purpose.
     if "FEDSHIELD_CACHE" not in os.environ:
         os.environ["FEDSHIELD_CACHE"] = tempfile.mkdtemp(prefix="fedshield-test-cache-")
+        config._fedshield_own_cache = os.environ["FEDSHIELD_CACHE"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+
+
+def pytest_unconfigure(config):
+    # The session cache holds ~0.5 GB of built models and packages: remove it if we made it.
+    own = getattr(config, "_fedshield_own_cache", None)
+    if own:
+        shutil.rmtree(own, ignore_errors=True)
+        os.environ.pop("FEDSHIELD_CACHE", None)
 
 
 @pytest.fixture(scope="session")
