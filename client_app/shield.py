@@ -26,9 +26,11 @@ log = logging.getLogger("fedshield.silo")
 STATE_KEY, GLOBAL_KEY = "shield.state", "shield.global"
 
 
-def schedule_of(sh: ShieldSettings) -> PruneSchedule:
+def schedule_of(sh: ShieldSettings, num_rounds: int) -> PruneSchedule:
+    """The public pruning schedule every silo and the server derive from the run config."""
     return PruneSchedule(target=sh.prune_ratio, start_round=sh.prune_start_round,
-                         ramp_rounds=sh.prune_ramp_rounds, lead_weight=sh.prune_lead_weight)
+                         ramp_rounds=sh.prune_ramp_rounds, lead_weight=sh.prune_lead_weight,
+                         flush_round=num_rounds if sh.flush_final_round else 0)
 
 
 def _restore(context: Context, initial) -> tuple[OrderedDict, SiloState]:
@@ -74,7 +76,8 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.time()
     payload, state = encrypt_update(
         keyset, update, server_round=server_round, silo=str(context.node_id),
-        weight=result.num_examples * sh.weight_scale, schedule=schedule_of(sh), state=state,
+        weight=result.num_examples * sh.weight_scale,
+        schedule=schedule_of(sh, cfg.num_server_rounds), state=state,
         workers=sh.workers if sh.workers > 0 else (os.cpu_count() or 1))
     encrypt_s = time.time() - t0
     _store(context, global_adapter, state)

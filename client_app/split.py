@@ -288,8 +288,9 @@ def _shield_train(msg: Message, context: Context, r: _Round) -> Message:
     t0 = time.time()
     payload, state = encrypt_update(
         keyset, update, server_round=r.server_round, silo=str(context.node_id),
-        weight=metrics["num-examples"] * sh.weight_scale, schedule=shield_silo.schedule_of(sh),
-        state=state, workers=sh.workers if sh.workers > 0 else (os.cpu_count() or 1))
+        weight=metrics["num-examples"] * sh.weight_scale,
+        schedule=shield_silo.schedule_of(sh, r.cfg.num_server_rounds), state=state,
+        workers=sh.workers if sh.workers > 0 else (os.cpu_count() or 1))
     shield_silo._store(context, global_adapter, state)
     metrics.update({"global-round": state.global_round, "load-seconds": r.load_s,
                     "serialize-seconds": decrypt_s + time.time() - t0})

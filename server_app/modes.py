@@ -91,7 +91,8 @@ class ShieldMode(ServerMode):
             evaluate_extra["export-dir"] = str(run_dir / "adapter")
         self.strategy = ShieldStrategy(
             lambda: server_keyset(sh.server_key, sh.auto_keys, tag),
-            schedule_of(sh), cfg.num_server_rounds, train_extra={"keys-tag": tag},
+            schedule_of(sh, cfg.num_server_rounds), cfg.num_server_rounds,
+            train_extra={"keys-tag": tag},
             evaluate_extra=evaluate_extra, **strategy_kwargs(cfg))
 
     def initial_arrays(self) -> ArrayRecord:

@@ -106,8 +106,9 @@ class SplitMode(ServerMode):
         if sh.auto_keys:  # simulation: silo 0 writes the merged adapter into this run's results
             evaluate_extra["export-dir"] = str(run_dir / "adapter")
         return SplitShield(
-            self.relay, lambda: server_keyset(sh.server_key, sh.auto_keys, tag), schedule_of(sh),
-            cfg.num_server_rounds, train_extra={"keys-tag": tag}, evaluate_extra=evaluate_extra,
+            self.relay, lambda: server_keyset(sh.server_key, sh.auto_keys, tag),
+            schedule_of(sh, cfg.num_server_rounds), cfg.num_server_rounds,
+            train_extra={"keys-tag": tag}, evaluate_extra=evaluate_extra,
             **strategy_kwargs(cfg))
 
     def initial_arrays(self) -> ArrayRecord:

@@ -52,6 +52,10 @@ class PruneSchedule:
     lead_weight : float, default 4.0
         How many times as often a lead block (mostly LoRA ``B`` values) is sent as another
         block while pruning (see :func:`block_mask`); 1 treats all blocks alike.
+    flush_round : int, default 0
+        A round in which every block is sent whatever the ratio, so that the error-feedback
+        residual each silo holds reaches the aggregate (the run's last round, so that the
+        final model holds every update); 0 = none.
 
     Notes
     -----
@@ -64,6 +68,7 @@ class PruneSchedule:
     ramp_rounds: int = 0
     initial: float = 0.0
     lead_weight: float = LEAD_WEIGHT
+    flush_round: int = 0
 
     def __post_init__(self) -> None:
         for name in ("target", "initial"):
@@ -73,6 +78,8 @@ class PruneSchedule:
             raise ValueError(f"prune ramp_rounds must be >= 0, got {self.ramp_rounds}")
         if not (math.isfinite(self.lead_weight) and self.lead_weight >= 1.0):
             raise ValueError(f"prune lead_weight must be finite and >= 1, got {self.lead_weight}")
+        if self.flush_round < 0:
+            raise ValueError(f"prune flush_round must be >= 0 (0 = none), got {self.flush_round}")
 
     def ratio(self, server_round: int) -> float:
         """Shortcut for :func:`prune_ratio`."""
@@ -91,9 +98,9 @@ def prune_ratio(server_round: int, schedule: PruneSchedule) -> float:
     Returns
     -------
     float
-        In ``[0, 0.99]``; 0 before ``start_round``.
+        In ``[0, 0.99]``; 0 before ``start_round`` and in ``flush_round``.
     """
-    if server_round < schedule.start_round:
+    if server_round < schedule.start_round or server_round == schedule.flush_round:
         ratio = 0.0
     elif schedule.ramp_rounds <= 0:
         ratio = schedule.target

@@ -175,6 +175,27 @@ def test_error_feedback_sent_over_rounds_plus_residual_equals_sum_of_updates():
     assert np.abs(residual).max() > 0  # something is still waiting to be sent
 
 
+def test_flush_round_sends_every_block_and_empties_the_residual():
+    rng = np.random.default_rng(2)
+    size, block, rounds = 10_000, 2048, 5
+    blocks = -(-size // block)
+    schedule = PruneSchedule(target=0.75, flush_round=rounds)
+    assert [schedule.ratio(r) for r in range(1, rounds + 2)] == [0.75] * 4 + [0.0, 0.75]
+    residual, total_update, total_sent = None, np.zeros(size), np.zeros(size)
+    for rnd in range(1, rounds + 1):
+        update = rng.standard_normal(size) * 1e-2
+        kept = block_mask(blocks, rnd, b"secret", schedule)
+        assert kept.size == (blocks if rnd == rounds else kept_block_count(blocks, 0.75))
+        sent, residual = split_with_residual(update, residual, kept, block)
+        total_update += update
+        total_sent += scatter_blocks(sent, kept, size)
+    # after the flush every value of every round has been sent, none is left behind
+    assert not residual.any()
+    np.testing.assert_allclose(total_sent, total_update, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="flush_round"):
+        PruneSchedule(flush_round=-1)
+
+
 def test_error_feedback_through_encrypt_update_keeps_unsent_values(keys):
     silo, _ = keys
     schedule = PruneSchedule(target=0.75)
