@@ -16,7 +16,7 @@ app = ClientApp()
 TRAIN = {"fedavg": fedavg.train, "shield": shield.train, "split": split.train, "lpp": lpp.train}
 EVALUATE = {"fedavg": fedavg.evaluate, "shield": shield.evaluate, "split": split.evaluate,
             "lpp": lpp.evaluate}
-QUERY = {"lpp": lpp.query}
+QUERY = {"lpp": lpp.query, "split": split.query}
 
 
 def _mode(context: Context) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 
 from fedshield_flwr.config import NodeSettings, RunConfig
 from fedshield_flwr.lpp import ADAPTER_RECORD, BASE_RECORD, HASH_KEY, has_cached_base, silo_runtime
@@ -19,25 +19,25 @@ from fedshield_flwr.models.adapter_quant import adapter_from_arrays, dequantize_
 from fedshield_flwr.models.lora import AdapterMismatchError, check_adapter_state
 from fedshield_flwr.silo import evaluate_round, train_round
 from fedshield_flwr.wire import PayloadError, decode_arrays
+from strategies.delivery import query_reply
 
 from .fedavg import evaluate_reply, train_reply
 
 log = logging.getLogger("fedshield.silo")
 
 
-def _hash(msg: Message, who: str) -> str:
-    value = msg.content["config"].get(HASH_KEY) if "config" in msg.content else None
+def _hash(msg: Message, who: str, key: str = HASH_KEY) -> str:
+    value = msg.content["config"].get(key) if "config" in msg.content else None
     if not isinstance(value, str) or len(value) != 64:
-        raise PayloadError(f"{who} carries no valid '{HASH_KEY}'; is the server running lpp?")
+        raise PayloadError(f"{who} carries no valid '{key}'; do server and silo run the same "
+                           "strategy.name and app version?")
     return value
 
 
 def query(msg: Message, context: Context) -> Message:
     node = NodeSettings.from_flat(context.node_config)
     content_hash = _hash(msg, f"base query to silo {node.partition_id}")
-    have = has_cached_base(node, content_hash)
-    return Message(RecordDict({"config": ConfigRecord({"has-base": have,
-                                                       HASH_KEY: content_hash})}), reply_to=msg)
+    return query_reply(msg, content_hash, has_cached_base(node, content_hash), HASH_KEY)
 
 
 def _setup(msg: Message, context: Context):

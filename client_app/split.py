@@ -32,7 +32,10 @@ from fedshield_flwr.config import NodeSettings, RunConfig, ShieldSettings
 from fedshield_flwr.crypto import catch_up, encrypt_update
 from fedshield_flwr.crypto.provision import silo_keyset
 from fedshield_flwr.data import IGNORE_INDEX
-from fedshield_flwr.models import export_adapter, load_tokenizer, resolve_model_path
+from fedshield_flwr.lpp import has_cached_base, receive_package
+from fedshield_flwr.models import export_adapter
+from fedshield_flwr.models.parts import PARTS_KIND, parts_from_arrays, silo_from_parts
+from fedshield_flwr.models.quantize import package_tokenizer
 from fedshield_flwr.models.split import (
     SiloTrainer,
     SplitError,
@@ -45,7 +48,15 @@ from fedshield_flwr.relay import FrameError, RelayClient, RelayError
 from fedshield_flwr.silo import SiloRuntime, skip_unused_bitsandbytes
 from fedshield_flwr.train import batch_schedule, collate, cosine_lr
 from fedshield_flwr.wire import decode_adapter, decode_arrays, encode_arrays
-from strategies.split import MIDDLE_RECORD, RELAY_DOWN_KEY, RELAY_UP_KEY, RelayTicket
+from strategies.delivery import query_reply
+from strategies.split import (
+    MIDDLE_RECORD,
+    PARTS_HASH_KEY,
+    PARTS_RECORD,
+    RELAY_DOWN_KEY,
+    RELAY_UP_KEY,
+    RelayTicket,
+)
 
 from . import shield as shield_silo
 
@@ -58,31 +69,62 @@ class SplitRoundError(RuntimeError):
     """A silo could not finish its split round; names the silo, the round and the remedy."""
 
 
-def get_split_runtime(cfg: RunConfig, node: NodeSettings, settings: SplitSettings
+def get_split_runtime(cfg: RunConfig, node: NodeSettings, settings: SplitSettings,
+                      content_hash: str, arrays: dict | None, who: str
                       ) -> tuple[SiloRuntime, SplitSilo]:
-    """The silo's cached parts of the model (built on first use in this process).
+    """The silo's parts of the model, rebuilt from the server's parts package (once per process).
 
-    The :class:`SiloRuntime` wraps the silo's PEFT model (head + tail only: the middle blocks
-    are dropped) for its tokenizer and data cache; ``initial`` is the seeded head + tail LoRA.
+    ``arrays`` is the package when the message carried it (it is verified against
+    ``content_hash`` and cached on disk), else the silo's cached copy is used. The silo never
+    loads a base model of its own: the middle blocks never reach it. The :class:`SiloRuntime`
+    wraps the silo's PEFT model for its tokenizer and data cache; ``initial`` is the seeded
+    head + tail LoRA of the unsplit model, from the package.
     """
-    cache_dir = node.cache_dir or None
-    key = (cfg.model, cfg.train.seed, settings.head_layers, settings.tail_layers, cache_dir)
+    key = (content_hash, cfg.model.lora, cfg.train.seed, node.cache_dir)
     if key not in _RUNTIMES:
         t0 = time.time()
         skip_unused_bitsandbytes(cfg)  # a deployed one-shot ClientApp at full precision
-        path = resolve_model_path(cfg.model.name, cache_dir)
-        tok = load_tokenizer(cfg.model.name, cache_dir)
-        silo = SplitSilo.from_pretrained(cfg.model.name, settings, cfg.model.lora,
-                                         seed=cfg.train.seed, quantization=cfg.model.quantization,
-                                         cache_dir=cache_dir)
+        pkg = receive_package(arrays, content_hash, node, who, PARTS_KIND, parts_from_arrays)
+        layout = pkg.layout
+        if (layout.head_layers, layout.tail_layers) != (settings.head_layers,
+                                                        settings.tail_layers):
+            raise SplitRoundError(
+                f"{who}: the server cut the model at head {layout.head_layers} / tail "
+                f"{layout.tail_layers} blocks, this silo's run config says "
+                f"{settings.head_layers} / {settings.tail_layers}; use the same split.* settings")
+        tok = package_tokenizer(pkg)
+        if tok is None:
+            raise SplitRoundError(f"{who}: silo parts package {content_hash[:12]} ships no "
+                                  "tokenizer; server and silo run different app versions")
+        silo = silo_from_parts(pkg, cfg.model.lora, seed=cfg.train.seed)
         _RUNTIMES.clear()  # one model per process: free the previous one
-        rt = SiloRuntime(silo.peft_model, tok, path, time.time() - t0,
+        source = str(pkg.manifest.get("source") or f"split:{content_hash}")
+        rt = SiloRuntime(silo.peft_model, tok, source, time.time() - t0,
                          initial=silo.adapter_state())
         _RUNTIMES[key] = (rt, silo)
-        log.info("split silo: %s blocks %s + %s (+LoRA r=%d) in %.1f s", cfg.model.name,
-                 list(silo.layout.head), list(silo.layout.tail), cfg.model.lora.r,
-                 rt.load_seconds)
+        log.info("split silo %d: parts %s of %s: blocks %s + %s (+LoRA r=%d), %.1f MB, %s, "
+                 "%.1f s", node.partition_id, content_hash[:12], layout.fingerprint(),
+                 list(layout.head), list(layout.tail), cfg.model.lora.r, pkg.nbytes / 1e6,
+                 "received" if arrays is not None else "from cache", rt.load_seconds)
+    elif arrays is not None:  # resent (e.g. after the cache was lost): make sure it is on disk
+        receive_package(arrays, content_hash, node, who, PARTS_KIND, parts_from_arrays)
     return _RUNTIMES[key]
+
+
+def query(msg: Message, context: Context) -> Message:
+    """Whether the announced silo parts package is in this silo's cache."""
+    node = NodeSettings.from_flat(context.node_config)
+    content_hash = _parts_hash(msg, f"parts query to silo {node.partition_id}")
+    return query_reply(msg, content_hash, has_cached_base(node, content_hash, PARTS_KIND),
+                       PARTS_HASH_KEY)
+
+
+def _parts_hash(msg: Message, who: str) -> str:
+    value = msg.content["config"].get(PARTS_HASH_KEY) if "config" in msg.content else None
+    if not isinstance(value, str) or len(value) != 64:
+        raise SplitRoundError(f"{who} carries no valid '{PARTS_HASH_KEY}'; the ServerApp and "
+                              "this ClientApp must run the same app version")
+    return value
 
 
 def _remedy(exc: Exception) -> str:
@@ -126,7 +168,10 @@ def _setup(msg: Message, context: Context) -> _Round:
     who = f"silo {node.partition_id} (node {context.node_id}) in round {server_round}"
     ticket = RelayTicket.from_config(conf, who)
     t0 = time.time()
-    rt, silo = get_split_runtime(cfg, node, settings)
+    content_hash = _parts_hash(msg, f"server message to {who}")
+    parts = msg.content.array_records.get(PARTS_RECORD)
+    arrays = dict(decode_arrays(parts, f"silo parts for {who}")) if parts is not None else None
+    rt, silo = get_split_runtime(cfg, node, settings, content_hash, arrays, who)
     return _Round(cfg, node, settings, server_round, who, ticket, rt, silo, time.time() - t0)
 
 

@@ -24,7 +24,6 @@ from .models.adapter_quant import AdapterQuantSpec
 from .models.quantize import (
     BaseQuantSpec,
     PackageError,
-    QuantizedBasePackage,
     build_model_from_package,
     cached_package,
     package_dir,
@@ -54,33 +53,42 @@ def silo_cache_dir(node: NodeSettings) -> Path:
     return cache_root(node.cache_dir or None) / "silo"
 
 
-def has_cached_base(node: NodeSettings, content_hash: str) -> bool:
-    """Whether the package is on this silo's disk (cheap: no hashing; loading verifies)."""
+def has_cached_base(node: NodeSettings, content_hash: str, kind: str = "lpp-base") -> bool:
+    """Whether the package is on this silo's disk (cheap: no hashing; loading verifies).
+
+    ``kind`` is the package family (``"lpp-base"``, ``"split-parts"``).
+    """
     try:
-        return (package_dir(silo_cache_dir(node), content_hash) / "package.safetensors").exists()
+        return (package_dir(silo_cache_dir(node), content_hash, kind)
+                / "package.safetensors").exists()
     except PackageError:
         return False
 
 
 def receive_package(
-    arrays: dict | None, content_hash: str, node: NodeSettings, who: str
-) -> QuantizedBasePackage:
+    arrays: dict | None, content_hash: str, node: NodeSettings, who: str,
+    kind: str = "lpp-base", reader=None,
+):
     """The verified package: from ``arrays`` when the server sent it (then cached), else disk.
 
-    Raises :class:`PackageError` when neither holds it (the server must resend: it does so when
-    the silo's next query answers "missing") or when the content does not match the hash.
+    ``reader(arrays, expected_hash=, who=)`` validates a package of ``kind`` (default: the
+    quantized base of ``lpp``). Raises :class:`PackageError` when neither holds it (the server
+    must resend: it does so when the silo's next query answers "missing") or when the content
+    does not match the hash.
     """
+    reader = reader or package_from_arrays
+    what = {"lpp-base": "base", "split-parts": "silo parts"}.get(kind, f"{kind} package")
     cache = silo_cache_dir(node)
     if arrays is not None:
-        pkg = package_from_arrays(arrays, expected_hash=content_hash, who=who)
-        save_package(pkg, cache)
+        pkg = reader(arrays, expected_hash=content_hash, who=who)
+        save_package(pkg, cache, kind)
         return pkg
-    pkg = cached_package(cache, content_hash)
+    pkg = cached_package(cache, content_hash, kind, reader)
     if pkg is None:
         raise PackageError(
-            f"silo {node.partition_id} has no cached base {content_hash[:12]} and {who} did not "
-            f"send it; its cache {cache} was cleared or lost: the server resends the base after "
-            "the next query round"
+            f"silo {node.partition_id} has no cached {what} {content_hash[:12]} and {who} did not "
+            f"send it; its cache {cache} was cleared or lost: the server resends it after the "
+            "next query round"
         )
     return pkg
 

@@ -28,8 +28,11 @@ from fedshield_flwr.models import (
     export_adapter,
     get_adapter_state,
     load_base_model,
+    load_tokenizer,
     resolve_model_path,
 )
+from fedshield_flwr.models.parts import SiloPartsPackage, build_parts_package
+from fedshield_flwr.models.quantize import package_to_arrays
 from fedshield_flwr.models.split import (
     MiddleServer,
     SplitLayout,
@@ -39,7 +42,8 @@ from fedshield_flwr.models.split import (
 from fedshield_flwr.silo import skip_unused_bitsandbytes
 from fedshield_flwr.train import cosine_lr
 from fedshield_flwr.wire import decode_arrays, encode_arrays
-from strategies.split import RelayControl, SplitFedAvg, SplitShield
+from strategies.delivery import PackageDelivery
+from strategies.split import PARTS_HASH_KEY, PARTS_RECORD, RelayControl, SplitFedAvg, SplitShield
 
 from .modes import ServerMode, strategy_kwargs
 
@@ -49,18 +53,21 @@ SILO_PREFIX, MIDDLE_PREFIX = "silo/", "middle/"
 
 
 def load_middle(cfg: RunConfig, settings: SplitSettings
-                ) -> tuple[MiddleServer, OrderedDict[str, np.ndarray]]:
-    """The server's middle blocks, and the silo-side adapter's names and shapes (zeros).
+                ) -> tuple[MiddleServer, OrderedDict[str, np.ndarray], SiloPartsPackage]:
+    """The server's middle blocks, the silo-side adapter's names and shapes (zeros), and the
+    silo parts package.
 
-    The seeded LoRA of every block is built, as on the silos, so the middle adapter starts where
-    unsplit LoRA would; the head/tail blocks, embeddings and LM head are then dropped, and of the
-    silo-side LoRA only the shapes are kept.
+    The seeded LoRA of every block is built, as for unsplit LoRA, so that the middle adapter
+    starts where unsplit LoRA would; the head/tail blocks, embeddings and LM head are then
+    dropped. The silo parts (embeddings, head and tail blocks, norm, LM head, tokenizer) and the
+    seeded initial head + tail LoRA go into the package the silos receive; of the silo-side LoRA
+    the server keeps only the shapes.
     """
     skip_unused_bitsandbytes(cfg)  # a deployed flwr-serverapp process at full precision
     peft = apply_lora(load_base_model(cfg.model.name, cfg.model.quantization), cfg.model.lora,
                       seed=cfg.train.seed)
     layout = SplitLayout.for_model(peft, settings.head_layers, settings.tail_layers)
-    shapes = {k: (v.shape, v.dtype) for k, v in get_adapter_state(peft).items()}
+    initial = get_adapter_state(peft)
     middle = MiddleServer(
         peft, layout,
         learning_rate=cfg.train.learning_rate_max,
@@ -69,9 +76,18 @@ def load_middle(cfg: RunConfig, settings: SplitSettings
         max_sessions=settings.max_sessions,
     )
     in_middle = set(middle.adapter_state())
-    template = OrderedDict((k, np.zeros(shape, dtype)) for k, (shape, dtype) in shapes.items()
-                           if k not in in_middle)
-    return middle, template
+    silo_initial = OrderedDict((k, v) for k, v in initial.items() if k not in in_middle)
+    template = OrderedDict((k, np.zeros_like(v)) for k, v in silo_initial.items())
+    # the silo parts come from a fresh full-precision copy (the LoRA-wrapped one lost them)
+    base = load_base_model(cfg.model.name)
+    parts = build_parts_package(base, layout, load_tokenizer(cfg.model.name), silo_initial,
+                                source=cfg.model.name)
+    del base
+    log.info("split: silo parts package %s: %.1f MB (%d of %d base parameters; the middle "
+             "blocks stay here)", parts.content_hash[:12], parts.nbytes / 1e6,
+             sum(int(np.prod(s)) for s in parts.manifest["params"].values()),
+             parts.manifest["num_params_full"])
+    return middle, template, parts
 
 
 class SplitMode(ServerMode):
@@ -81,7 +97,10 @@ class SplitMode(ServerMode):
         self.cfg = cfg
         self.run_dir = run_dir
         self.settings = SplitSettings.from_run_config(cfg)
-        self.middle, self.template = load_middle(cfg, self.settings)
+        self.middle, self.template, self.parts = load_middle(cfg, self.settings)
+        self.delivery = PackageDelivery(lambda: package_to_arrays(self.parts),
+                                        self.parts.content_hash, PARTS_RECORD, PARTS_HASH_KEY,
+                                        "silo parts")
         t = cfg.train
         self.relay = RelayControl(
             self.middle, self.settings,
@@ -91,7 +110,8 @@ class SplitMode(ServerMode):
         if self.shield:
             self.strategy = self._shield_strategy(cfg, run_dir)
         else:
-            self.strategy = SplitFedAvg(self.relay, self.template, **strategy_kwargs(cfg))
+            self.strategy = SplitFedAvg(self.relay, self.template, delivery=self.delivery,
+                                        **strategy_kwargs(cfg))
         log.info("split: server holds middle blocks %s of %d; silo-side adapter %d tensors "
                  "aggregated with %s", list(self.middle.layout.middle),
                  self.middle.layout.num_layers, len(self.template), self.settings.aggregation)
@@ -109,7 +129,7 @@ class SplitMode(ServerMode):
             self.relay, lambda: server_keyset(sh.server_key, sh.auto_keys, tag),
             schedule_of(sh, cfg.num_server_rounds), cfg.num_server_rounds,
             train_extra={"keys-tag": tag}, evaluate_extra=evaluate_extra,
-            **strategy_kwargs(cfg))
+            delivery=self.delivery, **strategy_kwargs(cfg))
 
     def initial_arrays(self) -> ArrayRecord:
         # Empty: the silos start from their seeded initialization (identical on every silo).

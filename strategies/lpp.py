@@ -33,11 +33,10 @@ from fedshield_flwr.models.adapter_quant import (
 )
 from fedshield_flwr.wire import decode_arrays, encode_arrays
 
+from .delivery import PackageDelivery
 from .fedavg import LoraFedAvg
 
 log = logging.getLogger("fedshield.server")
-
-QUERY_TIMEOUT_S = 600.0  # a deployed silo starts a fresh ClientApp process per message
 
 
 class LppStrategy(LoraFedAvg):
@@ -64,22 +63,24 @@ class LppStrategy(LoraFedAvg):
                  base_arrays: Callable[[], Mapping[str, np.ndarray]], content_hash: str,
                  spec: AdapterQuantSpec, server_lr: float = 1.0, **kwargs) -> None:
         super().__init__(template, **kwargs)
-        self._base_arrays = base_arrays
-        self._base_record: ArrayRecord | None = None
+        self.delivery = PackageDelivery(base_arrays, content_hash, BASE_RECORD, HASH_KEY, "base")
         self.content_hash = content_hash
         self.spec = spec
         self.server_lr = server_lr
-        self.has_base: set[int] = set()  # silos known to hold the package on disk
-        self.base_sent_to: list[int] = []  # silos the package was attached for (all rounds)
         self._fp: OrderedDict[str, np.ndarray] | None = None
         self._sent: OrderedDict[str, np.ndarray] | None = None  # de-quantized k-bit adapter
 
-    # ---- downlink -----------------------------------------------------------------------
+    @property
+    def has_base(self) -> set[int]:
+        """Silos known to hold the package on disk."""
+        return self.delivery.holders
 
-    def base_record(self) -> ArrayRecord:
-        if self._base_record is None:
-            self._base_record = encode_arrays(self._base_arrays())
-        return self._base_record
+    @property
+    def base_sent_to(self) -> list[int]:
+        """Silos the package was attached for (all rounds)."""
+        return self.delivery.sent_to
+
+    # ---- downlink -----------------------------------------------------------------------
 
     def quantized(self, arrays: ArrayRecord, remember: bool) -> ArrayRecord:
         """The k-bit copy of ``arrays`` (the fp global adapter).
@@ -93,43 +94,13 @@ class LppStrategy(LoraFedAvg):
             self._fp, self._sent = fp, sent
         return encode_arrays(adapter_to_arrays(sent_q))
 
-    def query_bases(self, grid: Grid, node_ids: Iterable[int], server_round: int) -> None:
-        """Ask silos not yet known to hold the package whether their cache has it."""
-        ask = [n for n in node_ids if n not in self.has_base]
-        if not ask:
-            return
-        content = RecordDict({"config": ConfigRecord({HASH_KEY: self.content_hash,
-                                                      "server-round": server_round})})
-        msgs = [Message(content=content, message_type="query", dst_node_id=n) for n in ask]
-        replies = list(grid.send_and_receive(messages=msgs, timeout=QUERY_TIMEOUT_S))
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                log.warning("silo node %d failed the base query of round %d: %s", node,
-                            server_round, msg.error.reason)
-                continue
-            rec = msg.content.config_records.get("config", {})
-            if bool(rec.get("has-base", False)) and rec.get(HASH_KEY) == self.content_hash:
-                self.has_base.add(node)
-        log.info("round %d: %d of %d asked silos hold base %s; sending it to the others",
-                 server_round, len(self.has_base & set(ask)), len(ask), self.content_hash[:12])
-
     def _messages(self, template_msgs: Iterable[Message], grid: Grid, server_round: int,
                   adapter: ArrayRecord, config: ConfigRecord) -> list[Message]:
-        template_msgs = list(template_msgs)
-        nodes = [m.metadata.dst_node_id for m in template_msgs]
-        self.query_bases(grid, nodes, server_round)
-        config[HASH_KEY] = self.content_hash
         config["server-round"] = server_round
-        out = []
-        for m, node in zip(template_msgs, nodes):
-            records: dict = {ADAPTER_RECORD: adapter, "config": config}
-            if node not in self.has_base:
-                records[BASE_RECORD] = self.base_record()
-                self.base_sent_to.append(node)
-            out.append(Message(content=RecordDict(records), message_type=m.metadata.message_type,
-                               dst_node_id=node))
-        return out
+        msgs = [Message(content=RecordDict({ADAPTER_RECORD: adapter, "config": config}),
+                        message_type=m.metadata.message_type, dst_node_id=m.metadata.dst_node_id)
+                for m in template_msgs]
+        return self.delivery.attach(msgs, grid, server_round)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -144,13 +115,7 @@ class LppStrategy(LoraFedAvg):
         return self._messages(msgs, grid, server_round, self.quantized(arrays, False), config)
 
     def _track(self, replies: list[Message]) -> None:
-        """A silo that answered holds the package; one that failed is asked again next time."""
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                self.has_base.discard(self.destinations.get(msg.metadata.reply_to_message_id, node))
-            else:
-                self.has_base.add(node)
+        self.delivery.track(replies, self.destinations)
 
     # ---- uplink -------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from fedshield_flwr.models.split import MiddleServer, SplitSettings
 from fedshield_flwr.relay import RelayServer
 from fedshield_flwr.wire import encode_arrays
 
+from .delivery import PackageDelivery
 from .fedavg import LoraFedAvg
 from .shield import ShieldStrategy
 
@@ -59,6 +60,8 @@ RELAY_UP_KEY, RELAY_DOWN_KEY = "relay-bytes-up", "relay-bytes-down"
 # split.aggregation='shield': the middle adapter in the final evaluate messages, for the silos
 # that export the merged adapter (the server cannot: it never decrypts head + tail).
 MIDDLE_RECORD = "middle"
+# The silo parts package (fedshield_flwr.models.parts), sent once per silo, and its hash.
+PARTS_RECORD, PARTS_HASH_KEY = "parts", "parts-hash"
 
 
 @dataclass(frozen=True)
@@ -235,21 +238,35 @@ def relay_traffic(replies: Iterable[Message], server_round: int) -> dict[str, fl
 class RelayRounds:
     """Mixin for a strategy of ``split``: adds relay round control around its hooks.
 
-    The aggregation itself (``fedavg`` or ``shield``) is the next class in the MRO.
+    With ``delivery`` set, every message also carries the silo parts' hash, and the parts
+    package itself goes to each silo that does not hold it yet (asked by a ``query``). The
+    aggregation itself (``fedavg`` or ``shield``) is the next class in the MRO.
     """
 
     relay: RelayControl
+    delivery: PackageDelivery | None = None
+
+    def _out(self, messages: Iterable[Message], grid: Grid, server_round: int) -> list[Message]:
+        messages = self.relay.attach(messages, server_round)
+        if self.delivery is not None and messages:
+            messages = self.delivery.attach(messages, grid, server_round)
+        return messages
+
+    def _track(self, replies: list[Message]) -> None:
+        if self.delivery is not None:
+            self.delivery.track(replies, self.destinations)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.relay.begin_round(server_round)
-        return self.relay.attach(super().configure_train(server_round, arrays, config, grid),
-                                 server_round)
+        return self._out(super().configure_train(server_round, arrays, config, grid), grid,
+                         server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self.relay.end_phase(server_round)
+        self._track(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         relay_metrics = {**self.relay.round_metrics(), **relay_traffic(replies, server_round)}
         if metrics is not None:
@@ -259,13 +276,14 @@ class RelayRounds:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.relay.attach(super().configure_evaluate(server_round, arrays, config, grid),
-                                 server_round)
+        return self._out(super().configure_evaluate(server_round, arrays, config, grid), grid,
+                         server_round)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         replies = list(replies)
         self.relay.end_phase(server_round)
+        self._track(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             traffic = relay_traffic(replies, server_round)
@@ -291,13 +309,17 @@ class SplitFedAvg(RelayRounds, LoraFedAvg):
     template : Mapping[str, np.ndarray]
         Names, shapes and dtypes of the head + tail adapter the silos send back (values unused:
         the server never holds the silo-side weights).
+    delivery : PackageDelivery, optional
+        Sends the silo parts package once per silo (see :class:`RelayRounds`).
     **kwargs
         Passed to ``flwr.serverapp.strategy.FedAvg`` (fractions, minimum node counts).
     """
 
-    def __init__(self, relay: RelayControl, template: Mapping[str, np.ndarray], **kwargs) -> None:
+    def __init__(self, relay: RelayControl, template: Mapping[str, np.ndarray],
+                 delivery: PackageDelivery | None = None, **kwargs) -> None:
         super().__init__(template, **kwargs)
         self.relay = relay
+        self.delivery = delivery
 
 
 class SplitShield(RelayRounds, ShieldStrategy):
@@ -310,11 +332,15 @@ class SplitShield(RelayRounds, ShieldStrategy):
     *args, **kwargs
         Passed to :class:`~strategies.shield.ShieldStrategy` (keyset loader, schedule, rounds,
         extra config entries, fractions, minimum node counts).
+    delivery : PackageDelivery, optional
+        Sends the silo parts package once per silo (see :class:`RelayRounds`).
     """
 
-    def __init__(self, relay: RelayControl, *args, **kwargs) -> None:
+    def __init__(self, relay: RelayControl, *args, delivery: PackageDelivery | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.relay = relay
+        self.delivery = delivery
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

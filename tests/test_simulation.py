@@ -112,6 +112,9 @@ def test_split_simulation_trains_through_the_relay_and_exports_the_merged_adapte
         assert r["relay_rejected_auth"] == 0
         # Activations and gradients go through the relay, not through Flower messages.
         assert r["relay_bytes_up"] > 0 and r["relay_bytes_down"] > 0
+    # the silo parts (never the middle blocks) went down once per silo, with round 0's messages
+    assert "silo parts package" in out.stdout
+    assert rounds[0]["bytes_down"] > 2 * max(r["bytes_down"] for r in rounds[1:])
     ckpt = load_file(str(run / "checkpoints" / "round-0002.safetensors"))
     assert {k.split("/")[0] for k in ckpt} == {"silo", "middle"}
 

@@ -422,6 +422,43 @@ def package_to_arrays(pkg: QuantizedBasePackage) -> dict[str, np.ndarray]:
     return out
 
 
+def read_manifest(arrays: Mapping[str, np.ndarray], who: str) -> tuple[Any, OrderedDict]:
+    """Split received package arrays into the decoded JSON manifest and the other arrays."""
+    if MANIFEST_KEY not in arrays:
+        raise PackageError(f"package from {who} has no '{MANIFEST_KEY}' array; the sender must "
+                           "use package_to_arrays()")
+    raw = np.asarray(arrays[MANIFEST_KEY])
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise PackageError(f"package from {who}: manifest must be a 1-D uint8 array")
+    try:
+        manifest = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackageError(f"package from {who}: manifest is not valid JSON ({exc})") from exc
+    body = OrderedDict(
+        (k, np.asarray(arrays[k])) for k in sorted(arrays) if k != MANIFEST_KEY
+    )
+    return manifest, body
+
+
+def check_array_index(manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+                      fail) -> None:
+    """Every array is listed in ``manifest['array_index']`` with its dtype and shape, and no
+    dtype outside the allowed numeric ones (no object arrays) arrives; ``fail(msg)`` raises."""
+    index = manifest["array_index"]
+    if set(index) != set(arrays):
+        missing, extra = sorted(set(index) - set(arrays)), sorted(set(arrays) - set(index))
+        fail(f"arrays differ from the manifest (missing {missing[:3]}, unexpected {extra[:3]})")
+    for key, arr in arrays.items():
+        if str(arr.dtype) not in _ALLOWED_DTYPES:
+            fail(f"array '{key}' has dtype {arr.dtype}, not one of {sorted(_ALLOWED_DTYPES)}")
+        if str(arr.dtype) != index[key]["dtype"] or list(arr.shape) != index[key]["shape"]:
+            fail(f"array '{key}' is {arr.dtype}{list(arr.shape)}, manifest says "
+                 f"{index[key]['dtype']}{index[key]['shape']}")
+    for fname in manifest.get("tokenizer_files") or []:
+        if f"tokenizer:{fname}" not in arrays:
+            fail(f"tokenizer file '{fname}' is missing")
+
+
 def package_from_arrays(
     arrays: Mapping[str, np.ndarray], expected_hash: str | None = None, who: str = "server"
 ) -> QuantizedBasePackage:
@@ -441,21 +478,16 @@ def package_from_arrays(
     PackageError
         Missing or malformed manifest, unexpected arrays, wrong dtypes/shapes, hash mismatch.
     """
-    if MANIFEST_KEY not in arrays:
-        raise PackageError(f"package from {who} has no '{MANIFEST_KEY}' array; the sender must "
-                           "use package_to_arrays()")
-    raw = np.asarray(arrays[MANIFEST_KEY])
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise PackageError(f"package from {who}: manifest must be a 1-D uint8 array")
+    return QuantizedBasePackage(*verified_arrays(arrays, expected_hash, who, _validate_manifest))
+
+
+def verified_arrays(arrays: Mapping[str, np.ndarray], expected_hash: str | None, who: str,
+                    validate) -> tuple[Any, OrderedDict, str]:
+    """Manifest, arrays and content hash of a received package, after ``validate(manifest,
+    arrays, who)`` accepted them and the hash matched ``expected_hash`` (when given)."""
+    manifest, body = read_manifest(arrays, who)
     try:
-        manifest = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PackageError(f"package from {who}: manifest is not valid JSON ({exc})") from exc
-    body = OrderedDict(
-        (k, np.asarray(arrays[k])) for k in sorted(arrays) if k != MANIFEST_KEY
-    )
-    try:
-        _validate_manifest(manifest, body, who)
+        validate(manifest, body, who)
     except PackageError:
         raise
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -467,7 +499,7 @@ def package_from_arrays(
             f"package from {who} hashes to {digest[:12]}..., expected {expected_hash[:12]}...; "
             "it was corrupted or tampered with in transit: drop the cached copy and resend"
         )
-    return QuantizedBasePackage(manifest, body, digest)
+    return manifest, body, digest
 
 
 def _validate_manifest(manifest: Any, arrays: Mapping[str, np.ndarray], who: str) -> None:
@@ -481,22 +513,10 @@ def _validate_manifest(manifest: Any, arrays: Mapping[str, np.ndarray], who: str
     for key in ("model_type", "config", "quant", "tensors", "buffers", "array_index"):
         if key not in manifest:
             fail(f"manifest lacks '{key}'")
-    index = manifest["array_index"]
-    if set(index) != set(arrays):
-        missing, extra = sorted(set(index) - set(arrays)), sorted(set(arrays) - set(index))
-        fail(f"arrays differ from the manifest (missing {missing[:3]}, unexpected {extra[:3]})")
-    for key, arr in arrays.items():
-        if str(arr.dtype) not in _ALLOWED_DTYPES:
-            fail(f"array '{key}' has dtype {arr.dtype}, not one of {sorted(_ALLOWED_DTYPES)}")
-        if str(arr.dtype) != index[key]["dtype"] or list(arr.shape) != index[key]["shape"]:
-            fail(f"array '{key}' is {arr.dtype}{list(arr.shape)}, manifest says "
-                 f"{index[key]['dtype']}{index[key]['shape']}")
+    check_array_index(manifest, arrays, fail)
     for name, info in manifest["buffers"].items():
         if info.get("key") not in arrays or list(arrays[info["key"]].shape) != info.get("shape"):
             fail(f"buffer '{name}' does not match its array")
-    for fname in manifest.get("tokenizer_files") or []:
-        if f"tokenizer:{fname}" not in arrays:
-            fail(f"tokenizer file '{fname}' is missing")
     quant = manifest["quant"]
     if quant.get("quant_type") not in QUANT_TYPES:
         fail(f"unknown quant_type {quant.get('quant_type')!r}")
@@ -555,22 +575,27 @@ def _validate_quantized_entry(name, entry, arrays, quant, fail) -> None:
         fail(f"tensor '{name}': absmax must be float32[{nblocks}]")
 
 
-def package_dir(cache_dir: str | os.PathLike, content_hash: str) -> Path:
-    """Where :func:`save_package` keeps the package with this hash under ``cache_dir``."""
+def package_dir(cache_dir: str | os.PathLike, content_hash: str, kind: str = "lpp-base") -> Path:
+    """Where :func:`save_package` keeps the package with this hash under ``cache_dir``.
+
+    ``kind`` names the package family (``"lpp-base"``; ``"split-parts"`` for
+    :mod:`fedshield_flwr.models.parts`), one directory each.
+    """
     if not (len(content_hash) == 64 and all(c in "0123456789abcdef" for c in content_hash)):
         raise PackageError(f"'{content_hash}' is not a sha256 hex digest")
-    return Path(cache_dir) / "lpp-base" / content_hash
+    return Path(cache_dir) / kind / content_hash
 
 
-def save_package(pkg: QuantizedBasePackage, cache_dir: str | os.PathLike) -> Path:
-    """Write ``pkg`` to ``cache_dir/lpp-base/<hash>/package.safetensors`` atomically.
+def save_package(pkg, cache_dir: str | os.PathLike, kind: str = "lpp-base") -> Path:
+    """Write ``pkg`` to ``cache_dir/<kind>/<hash>/package.safetensors`` atomically.
 
-    Safe to call from several processes at once: the directory appears complete or not at all.
-    Returns the package directory.
+    ``pkg`` is a :class:`QuantizedBasePackage` or any package with ``manifest``, ``arrays``
+    and ``content_hash`` (a split parts package). Safe to call from several processes at once:
+    the directory appears complete or not at all. Returns the package directory.
     """
     from safetensors.numpy import save_file
 
-    target = package_dir(cache_dir, pkg.content_hash)
+    target = package_dir(cache_dir, pkg.content_hash, kind)
     if (target / "package.safetensors").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -578,7 +603,8 @@ def save_package(pkg: QuantizedBasePackage, cache_dir: str | os.PathLike) -> Pat
     try:
         arrays = {k: np.ascontiguousarray(v) for k, v in package_to_arrays(pkg).items()}
         save_file(arrays, str(tmp / "package.safetensors"),
-                  metadata={"format": PACKAGE_FORMAT, "content_hash": pkg.content_hash})
+                  metadata={"format": str(pkg.manifest["format"]),
+                            "content_hash": pkg.content_hash})
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy has the same content
@@ -589,13 +615,15 @@ def save_package(pkg: QuantizedBasePackage, cache_dir: str | os.PathLike) -> Pat
     return target
 
 
-def load_package(path: str | os.PathLike, content_hash: str | None = None) -> QuantizedBasePackage:
+def load_package(path: str | os.PathLike, content_hash: str | None = None, reader=None):
     """Load and verify a package directory written by :func:`save_package`.
 
     The content is re-hashed on every load; it must equal ``content_hash`` when given, else the
     directory name. A mismatch raises :class:`PackageError` (delete the directory and fetch the
-    package again).
+    package again). ``reader(arrays, expected_hash=, who=)`` validates the arrays; default
+    :func:`package_from_arrays` (a quantized base).
     """
+    reader = reader or package_from_arrays
     from safetensors.numpy import load_file
 
     path = Path(path)
@@ -608,19 +636,18 @@ def load_package(path: str | os.PathLike, content_hash: str | None = None) -> Qu
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corruption
         raise PackageError(f"cached package {file} is unreadable ({exc}); delete {path}") from exc
     try:
-        return package_from_arrays(arrays, expected_hash=expected, who=f"disk cache {path}")
+        return reader(arrays, expected_hash=expected, who=f"disk cache {path}")
     except PackageError as exc:
         raise PackageError(f"{exc} (delete {path} to force a fresh download)") from exc
 
 
-def cached_package(
-    cache_dir: str | os.PathLike, content_hash: str
-) -> QuantizedBasePackage | None:
+def cached_package(cache_dir: str | os.PathLike, content_hash: str, kind: str = "lpp-base",
+                   reader=None):
     """The verified cached package with this hash, or ``None`` when it is not on disk."""
-    target = package_dir(cache_dir, content_hash)
+    target = package_dir(cache_dir, content_hash, kind)
     if not (target / "package.safetensors").exists():
         return None
-    return load_package(target, content_hash)
+    return load_package(target, content_hash, reader)
 
 
 def load_or_build_package(

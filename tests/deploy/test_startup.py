@@ -187,9 +187,12 @@ def test_split_silo_and_server_runtimes_hide_bitsandbytes_before_building_the_mo
     monkeypatch.setattr(silo_split, "skip_unused_bitsandbytes", spy)
     monkeypatch.setattr(server_split, "skip_unused_bitsandbytes", spy)
     monkeypatch.setattr(silo_split, "_RUNTIMES", {})
+    from fedshield_flwr.models.quantize import package_to_arrays
+
     cfg = RunConfig.from_flat(tiny_run_config(**{"strategy.name": "split"}))
     settings = SplitSettings.from_run_config(cfg)
-    silo_split.get_split_runtime(cfg, NodeSettings(0, 3), settings)
+    _, _, parts = server_split.load_middle(cfg, settings)
     assert calls == ["split"]
-    server_split.load_middle(cfg, settings)
+    silo_split.get_split_runtime(cfg, NodeSettings(0, 3), settings, parts.content_hash,
+                                 package_to_arrays(parts), "test")
     assert calls == ["split", "split"]

@@ -16,13 +16,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 import server_app.modes  # noqa: F401  (registers SplitMode; imported before split_mode)
 from client_app import split as silo_split
-from fedshield_flwr.config import ConfigError, NodeSettings, RunConfig
+from fedshield_flwr.config import ConfigError, RunConfig
 from fedshield_flwr.relay import RelayClient, RelayError
 from fedshield_flwr.train import cosine_lr
 from fedshield_flwr.wire import decode_arrays, encode_arrays
 from server_app.split_mode import SplitMode
 from strategies.fedavg import weighted_average
-from strategies.split import ADDRESS_KEY, CA_KEY, SILO_KEY, TOKEN_KEY, RelayControl
+from strategies.split import (
+    ADDRESS_KEY,
+    CA_KEY,
+    PARTS_HASH_KEY,
+    PARTS_RECORD,
+    SILO_KEY,
+    TOKEN_KEY,
+    RelayControl,
+)
 from tests.helpers import context, reply, tiny_run_config
 
 NODES = (11, 12)
@@ -38,6 +46,11 @@ class FakeGrid:
         return self.nodes
 
     def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if messages and all(m.metadata.message_type == "query" for m in messages):
+            # the silo parts query: the real handler of each silo answers
+            return [silo_split.query(m, _silo_ctx(NODES.index(m.metadata.dst_node_id)))
+                    for m in messages]
         raise RuntimeError("SuperLink went away")
 
 
@@ -83,10 +96,13 @@ def test_train_messages_carry_only_round_control_and_a_token_per_silo(mode, flow
     assert [m.metadata.dst_node_id for m in msgs] == list(NODES)
     tokens = set()
     for m, node in zip(msgs, NODES):
-        assert set(m.content) == {"arrays", "config"}
+        # the silo parts go along only to a silo that does not hold them yet
+        assert set(m.content) - {PARTS_RECORD} == {"arrays", "config"}
         assert len(m.content["arrays"]) == 0  # round 1: silos start from their seeded init
         conf = m.content["config"]
-        assert set(conf) == {"server-round", ADDRESS_KEY, TOKEN_KEY, SILO_KEY}  # no CA: no TLS
+        # no CA: no TLS
+        assert set(conf) == {"server-round", ADDRESS_KEY, TOKEN_KEY, SILO_KEY, PARTS_HASH_KEY}
+        assert conf[PARTS_HASH_KEY] == mode.parts.content_hash
         assert conf[ADDRESS_KEY] == f"127.0.0.1:{mode.relay.server.port}"
         assert conf[SILO_KEY] == str(node)
         tokens.add(conf[TOKEN_KEY])
@@ -376,11 +392,11 @@ def test_shield_aggregation_keeps_head_tail_encrypted_and_a_silo_exports_the_mer
     exported = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert set(exported) == set(m.template) | set(m.middle.adapter_state())
     held = [decode_arrays(c.state.array_records[GLOBAL_KEY], "t") for c in silos.values()]
-    rt, _ = silo_split.get_split_runtime(RunConfig.from_flat(flat), NodeSettings(), m.settings)
+    initial = m.parts.adapter()  # the seeded head + tail LoRA every silo started from
     for k in m.template:  # both silos decrypted the same aggregate, and it moved
         assert np.allclose(exported[k], held[0][k], atol=1e-6)
         assert np.allclose(held[0][k], held[1][k], atol=1e-6)
-    assert any(not np.allclose(exported[k], rt.initial[k]) for k in m.template)
+    assert any(not np.allclose(exported[k], initial[k]) for k in m.template)
     ckpt = m.checkpoint(marker)
     assert "aggregate-log" in ckpt and not any(k.startswith("silo/") for k in ckpt)
     assert len(SplitMode(RunConfig.from_flat(flat), tmp_path).restore(ckpt)) == 0
