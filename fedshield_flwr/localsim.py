@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def _exit_on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise SystemExit(128 + signum)
 
 
 def free_port() -> int:
@@ -54,6 +59,15 @@ class LocalSimulationSuperLink:
         return env
 
     def start(self) -> "LocalSimulationSuperLink":
+        """Start the SuperLink (own session: stop() kills its simulation processes with it).
+
+        In a script's main thread a default SIGTERM handler is replaced by one that raises
+        ``SystemExit``, so that a ``kill`` of the script still runs its ``finally: stop()``
+        instead of leaving the SuperLink and its simulation running.
+        """
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         self.home.mkdir(parents=True, exist_ok=True)
         cmd = [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation",
                "subprocess", "--control-api-address", f"127.0.0.1:{self.control_port}",
