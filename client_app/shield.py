@@ -16,7 +16,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from fedshield_flwr.config import NodeSettings, RunConfig, ShieldSettings
-from fedshield_flwr.crypto import PruneSchedule, SiloState, catch_up, encrypt_update
+from fedshield_flwr.crypto import (
+    PruneSchedule,
+    SiloState,
+    catch_up,
+    encrypt_update,
+    with_residual,
+)
 from fedshield_flwr.crypto.provision import silo_keyset
 from fedshield_flwr.models import export_adapter
 from fedshield_flwr.silo import evaluate_round, get_runtime, train_round
@@ -70,9 +76,10 @@ def _setup(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     (cfg, node, sh, server_round, rt, keyset, global_adapter, state, load_s,
      decrypt_s) = _setup(msg, context)
-    result = train_round(rt, cfg, node, server_round, global_adapter)
+    start = with_residual(global_adapter, state) if sh.local_residual else global_adapter
+    result = train_round(rt, cfg, node, server_round, start)
     local = rt.adapter_state()
-    update = OrderedDict((k, local[k] - global_adapter[k]) for k in global_adapter)
+    update = OrderedDict((k, local[k] - start[k]) for k in start)  # new progress only
     t0 = time.time()
     payload, state = encrypt_update(
         keyset, update, server_round=server_round, silo=str(context.node_id),

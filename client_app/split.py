@@ -29,7 +29,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from fedshield_flwr.config import NodeSettings, RunConfig, ShieldSettings
-from fedshield_flwr.crypto import catch_up, encrypt_update
+from fedshield_flwr.crypto import catch_up, encrypt_update, with_residual
 from fedshield_flwr.crypto.provision import silo_keyset
 from fedshield_flwr.data import IGNORE_INDEX
 from fedshield_flwr.lpp import has_cached_base, receive_package
@@ -326,10 +326,11 @@ def _shield_train(msg: Message, context: Context, r: _Round) -> Message:
     t0 = time.time()
     sh, keyset, global_adapter, state = _shield_global(msg, context, r.cfg, r.rt)
     decrypt_s = time.time() - t0
-    r.silo.load_adapter_state(global_adapter)
+    start = with_residual(global_adapter, state) if sh.local_residual else global_adapter
+    r.silo.load_adapter_state(start)
     metrics = _train_through_relay(r)
     local = r.silo.adapter_state()
-    update = OrderedDict((k, local[k] - global_adapter[k]) for k in global_adapter)
+    update = OrderedDict((k, local[k] - start[k]) for k in start)  # new progress only
     t0 = time.time()
     payload, state = encrypt_update(
         keyset, update, server_round=r.server_round, silo=str(context.node_id),

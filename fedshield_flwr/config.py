@@ -263,6 +263,7 @@ class ShieldSettings:
     prune_ramp_rounds: int = 0  # linear ramp from 0 to prune_ratio over this many rounds
     prune_lead_weight: float = 4.0  # a LoRA-B block is sent this many times as often as another
     flush_final_round: bool = True  # the last round sends every block (residuals included)
+    local_residual: bool = True  # silos train from global + their own unsent residual
     auto_keys: bool = True  # simulation: silos provision a per-run keyset in the shared cache
     server_key: str = ""  # deployment: path of shield-server.key on the coordinator
     weight_scale: float = 1e-3  # aggregation weight = num-examples * weight_scale (ratios only)
@@ -277,6 +278,7 @@ class ShieldSettings:
             prune_ramp_rounds=int(sec.get("prune-ramp-rounds", 0)),
             prune_lead_weight=float(sec.get("prune-lead-weight", 4.0)),
             flush_final_round=bool(sec.get("flush-final-round", True)),
+            local_residual=bool(sec.get("local-residual", True)),
             auto_keys=bool(sec.get("auto-keys", True)),
             server_key=str(sec.get("server-key", "")),
             weight_scale=float(sec.get("weight-scale", 1e-3)),

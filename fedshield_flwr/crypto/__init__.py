@@ -58,6 +58,7 @@ from .protocol import (
     encode_record,
     encrypt_snapshot,
     encrypt_update,
+    with_residual,
 )
 from .pruning import (
     MAX_RATIO,
@@ -111,5 +112,6 @@ __all__ = [
     "prune_ratio",
     "scatter_blocks",
     "split_with_residual",
+    "with_residual",
     "write_keyset_files",
 ]

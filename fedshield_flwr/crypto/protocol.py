@@ -277,6 +277,28 @@ def encrypt_update(
     return payload.to_bytes(params), new_state
 
 
+def with_residual(global_state: Mapping[str, np.ndarray], state: SiloState
+                  ) -> OrderedDict[str, np.ndarray]:
+    """The global adapter plus this silo's residual: where the silo's own progress has reached.
+
+    Under pruning the global adapter lacks what this silo computed but has not sent yet. A silo
+    that trains from the global adapter alone re-learns that part and sends it twice; training
+    from ``global + residual`` (and sending the new progress on top of the residual) does not.
+    With no residual (dense rounds) this is the global adapter itself.
+    """
+    if state.residual is None:
+        return OrderedDict(global_state)
+    layout = AdapterLayout.from_state(global_state)
+    if state.residual.shape != (layout.num_values,):
+        raise UpdateError(
+            f"the residual has {state.residual.size} values but the adapter has "
+            f"{layout.num_values}; the model or LoRA configuration changed - start from a fresh "
+            "SiloState")
+    residual = layout.unflatten(state.residual, dtype=np.float64)
+    return OrderedDict((k, (np.asarray(v, np.float64) + residual[k]).astype(np.asarray(v).dtype))
+                       for k, v in global_state.items())
+
+
 def encrypt_snapshot(
     keyset: SiloKeyset,
     global_state: Mapping[str, np.ndarray],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 
@@ -18,7 +20,10 @@ from fedshield_flwr.crypto import (
     prune_ratio,
     scatter_blocks,
     split_with_residual,
+    with_residual,
 )
+from fedshield_flwr.crypto.errors import UpdateError
+from fedshield_flwr.crypto.protocol import SiloState
 
 from . import make_update
 
@@ -205,3 +210,21 @@ def test_error_feedback_through_encrypt_update_keeps_unsent_values(keys):
                               schedule=schedule)
     sent = state.last_upload.sent_vector(layout.num_values)
     np.testing.assert_array_equal(sent + state.residual, layout.flatten(update))
+
+
+def test_a_silo_trains_from_the_global_adapter_plus_what_it_has_not_sent(keys):
+    silo, _ = keys
+    global_adapter = make_update(8, scale=2e-2)
+    layout = AdapterLayout.from_state(global_adapter)
+    assert with_residual(global_adapter, SiloState()) == global_adapter  # nothing held back
+    _, state = encrypt_update(silo, make_update(9), server_round=1, silo="a", weight=1.0,
+                              schedule=PruneSchedule(target=0.75))
+    start = with_residual(global_adapter, state)
+    assert list(start) == list(global_adapter)
+    assert all(start[k].dtype == global_adapter[k].dtype for k in start)
+    delta = layout.flatten(start) - layout.flatten(global_adapter)
+    np.testing.assert_allclose(delta, state.residual, rtol=0, atol=1e-7)
+    sent = state.last_upload.sent_vector(layout.num_values) != 0
+    assert not delta[sent].any() and np.abs(delta[~sent]).max() > 0
+    with pytest.raises(UpdateError, match="residual has"):
+        with_residual(OrderedDict(list(global_adapter.items())[:2]), state)
