@@ -6,11 +6,14 @@ final held-out eval loss. Dense shield computes the same weighted mean as fedavg
 is ~1e-8); pruned shield sends 25% of the update blocks per round and keeps the rest as a residual
 (error feedback), so part of each update arrives a round or more later. Its mask is the
 prioritized round robin of ``fedshield_flwr.crypto.pruning`` (LoRA-B blocks are sent
-``shield.prune-lead-weight`` times as often as the rest); the JSON records every ``shield.*``
-setting of each run, schedule included.
+``shield.prune-lead-weight`` times as often as the rest); silos train from the global adapter
+plus their own residual and the last round sends every block (``shield.local-residual``,
+``shield.flush-final-round``). The JSON records every ``shield.*`` setting of each run.
 
     .venv/bin/python benchmarks/shield_quality.py                 # the demo setup
     .venv/bin/python benchmarks/shield_quality.py --model tiny:llama --rounds 3   # quick check
+    .venv/bin/python benchmarks/shield_quality.py --schemes shield-p75-noflush,shield-p75-nolocal \
+        --out benchmarks/results/shield_quality_ablation.json      # what each rule contributes
 
 Prints a table and writes benchmarks/results/shield_quality.json =
 {"fedavg": loss, "shield-dense": loss, "shield-p75": loss, "details": {...}}.
@@ -34,7 +37,16 @@ SCHEMES = {
     "fedavg": "strategy.name='fedavg'",
     "shield-dense": "strategy.name='shield' shield.prune-ratio=0.0",
     "shield-p75": "strategy.name='shield' shield.prune-ratio=0.75",
+    # ablations of shield-p75 (not run by default): without the last round's flush, without
+    # training from global + own residual, without both (plain error feedback)
+    "shield-p75-noflush": "strategy.name='shield' shield.prune-ratio=0.75 "
+                          "shield.flush-final-round=false",
+    "shield-p75-nolocal": "strategy.name='shield' shield.prune-ratio=0.75 "
+                          "shield.local-residual=false",
+    "shield-p75-plain-ef": "strategy.name='shield' shield.prune-ratio=0.75 "
+                           "shield.flush-final-round=false shield.local-residual=false",
 }
+DEFAULT_SCHEMES = "fedavg,shield-dense,shield-p75"
 
 
 def main() -> None:
@@ -43,7 +55,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=0, help="default: the demo's rounds (pyproject)")
     p.add_argument("--silos", type=int, default=3)
     p.add_argument("--extra", default="", help="extra --run-config entries for every scheme")
-    p.add_argument("--schemes", default=",".join(SCHEMES))
+    p.add_argument("--schemes", default=DEFAULT_SCHEMES,
+                   help=f"comma-separated, of {', '.join(SCHEMES)}")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "shield_quality.json"))
     args = p.parse_args()
 
@@ -80,11 +93,11 @@ def main() -> None:
         finally:
             link.stop()
     base = result.get("fedavg")
-    print(f"{'scheme':<14} {'final eval loss':>16} {'vs fedavg':>10} {'uplink bytes/round':>20}")
+    print(f"{'scheme':<20} {'final eval loss':>16} {'vs fedavg':>10} {'uplink bytes/round':>20}")
     for name in args.schemes.split(","):
         rel = "" if base is None else f"{(result[name] - base) / base * 100:+.2f}%"
         up = result["details"][name]["bytes_up_per_round"]
-        print(f"{name:<14} {result[name]:16.4f} {rel:>10} {sum(up) / max(len(up), 1):20,.0f}")
+        print(f"{name:<20} {result[name]:16.4f} {rel:>10} {sum(up) / max(len(up), 1):20,.0f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
