@@ -384,6 +384,34 @@ def measure_noise(args, train_batches, eval_batches, sigmas) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def measure_parts(models: list[str], head: int, tail: int) -> dict:
+    """What a silo downloads instead of the model: the parts package of each model."""
+    from fedshield_flwr.models.lora import get_adapter_state
+    from fedshield_flwr.models.parts import build_parts_package
+
+    out = {}
+    for name in dict.fromkeys(models):
+        path = model_path(name)
+        base = load_base_model(path)
+        layout = SplitLayout.for_model(base, head, tail)
+        middle = tuple(f"layers.{i}." for i in layout.middle)  # Llama-style block names
+        adapter = {k: v for k, v in get_adapter_state(apply_lora(load_base_model(path),
+                                                                 LoraSettings())).items()
+                   if not any(m in k for m in middle)}
+        t = time.time()
+        pkg = build_parts_package(base, layout, load_tokenizer(path), adapter, source=name)
+        sent = sum(int(np.prod(s)) for s in pkg.manifest["params"].values())
+        full = pkg.manifest["num_params_full"]
+        out[name] = {"layout": layout.fingerprint(), "package_bytes": pkg.nbytes,
+                     "params_sent": sent, "params_full": full,
+                     "params_sent_fraction": round(sent / full, 4),
+                     "full_model_fp32_bytes": 4 * full,
+                     "build_seconds": round(time.time() - t, 2)}
+        print(f"silo parts of {name} ({layout.fingerprint()}): {pkg.nbytes / 1e6:.1f} MB, "
+              f"{sent:,} of {full:,} parameters ({sent / full:.1%})", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -423,7 +451,17 @@ def main(argv: list[str] | None = None) -> dict:
         help="torch threads of the relay process in the 4-silo run (0: --threads)",
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "split.json"))
+    p.add_argument("--parts-only", action="store_true",
+                   help="only (re)measure the silo parts packages and update 'silo_parts' in --out")
     args = p.parse_args(argv)
+    parts_models = [args.model, "embedded:smollm2-135m-instruct"]
+    if args.parts_only:
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result["silo_parts"] = measure_parts(parts_models, args.head_layers, args.tail_layers)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+        return result
     args.path = model_path(args.model)
     t_start = time.time()
     torch.set_num_threads(args.threads)
@@ -470,6 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
             wire["bytes_per_token"]["fp16"] / wire["bytes_per_token_fedsea_reference"], 3
         ),
         "loss_with_noise": noise,
+        "silo_parts": measure_parts(parts_models, args.head_layers, args.tail_layers),
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
         "load_average_1m": round(os.getloadavg()[0], 2),
         "seconds": round(time.time() - t_start, 1),
