@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -87,7 +88,9 @@ def test_shield_simulation_aggregates_ciphertexts_and_silos_export(superlink, tm
     doc = json.loads((run / "metrics.json").read_text())
     assert [r["round"] for r in doc["rounds"]] == [0, 1, 2]
     assert doc["rounds"][2]["eval_loss"] < doc["rounds"][0]["eval_loss"] + 0.05
-    assert all(r["prune_ratio"] == 0.5 for r in doc["rounds"][1:])
+    # round 1 prunes; the last round flushes every silo's residual (dense upload)
+    assert [r["prune_ratio"] for r in doc["rounds"][1:]] == [0.5, 0.0]
+    assert doc["rounds"][2]["bytes_up"] > 1.5 * doc["rounds"][1]["bytes_up"]
     ckpt = load_file(str(run / "checkpoints" / "round-0002.safetensors"))
     assert list(ckpt) == ["aggregate-log"] and ckpt["aggregate-log"].dtype == np.uint8
     from peft import PeftModel
@@ -112,9 +115,15 @@ def test_split_simulation_trains_through_the_relay_and_exports_the_merged_adapte
         assert r["relay_rejected_auth"] == 0
         # Activations and gradients go through the relay, not through Flower messages.
         assert r["relay_bytes_up"] > 0 and r["relay_bytes_down"] > 0
-    # the silo parts (never the middle blocks) went down once per silo, with round 0's messages
-    assert "silo parts package" in out.stdout
-    assert rounds[0]["bytes_down"] > 2 * max(r["bytes_down"] for r in rounds[1:])
+    # the silo parts (never the middle blocks) go down with round 0's messages to each silo
+    # whose cache lacks them (earlier tests of this session may have cached the same package)
+    held = re.search(r"round 0: (\d) of 2 asked silos hold silo parts", out.stdout)
+    assert held and "silo parts package" in out.stdout
+    later = max(r["bytes_down"] for r in rounds[1:])
+    if held.group(1) == "2":
+        assert rounds[0]["bytes_down"] < later  # nothing but round control went down
+    else:
+        assert rounds[0]["bytes_down"] > 2 * later
     ckpt = load_file(str(run / "checkpoints" / "round-0002.safetensors"))
     assert {k.split("/")[0] for k in ckpt} == {"silo", "middle"}
 
