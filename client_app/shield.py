@@ -36,7 +36,8 @@ def schedule_of(sh: ShieldSettings, num_rounds: int) -> PruneSchedule:
     """The public pruning schedule every silo and the server derive from the run config."""
     return PruneSchedule(target=sh.prune_ratio, start_round=sh.prune_start_round,
                          ramp_rounds=sh.prune_ramp_rounds, lead_weight=sh.prune_lead_weight,
-                         flush_round=num_rounds if sh.flush_final_round else 0)
+                         flush_round=num_rounds if sh.flush_final_round else 0,
+                         flush_every=sh.flush_every)
 
 
 def _restore(context: Context, initial) -> tuple[OrderedDict, SiloState]:

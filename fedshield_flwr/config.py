@@ -263,6 +263,7 @@ class ShieldSettings:
     prune_ramp_rounds: int = 0  # linear ramp from 0 to prune_ratio over this many rounds
     prune_lead_weight: float = 4.0  # a LoRA-B block is sent this many times as often as another
     flush_final_round: bool = True  # the last round sends every block (residuals included)
+    flush_every: int = 0  # also send every block in every k-th round (0 = never)
     local_residual: bool = True  # silos train from global + their own unsent residual
     auto_keys: bool = True  # simulation: silos provision a per-run keyset in the shared cache
     server_key: str = ""  # deployment: path of shield-server.key on the coordinator
@@ -278,6 +279,7 @@ class ShieldSettings:
             prune_ramp_rounds=int(sec.get("prune-ramp-rounds", 0)),
             prune_lead_weight=float(sec.get("prune-lead-weight", 4.0)),
             flush_final_round=bool(sec.get("flush-final-round", True)),
+            flush_every=int(sec.get("flush-every", 0)),
             local_residual=bool(sec.get("local-residual", True)),
             auto_keys=bool(sec.get("auto-keys", True)),
             server_key=str(sec.get("server-key", "")),
@@ -287,6 +289,7 @@ class ShieldSettings:
         _check(0.0 <= s.prune_ratio < 1.0, "shield.prune-ratio", s.prune_ratio,
                "in [0, 1); it is clamped to 0.99")
         _check(s.prune_start_round >= 1, "shield.prune-start-round", s.prune_start_round, ">= 1")
+        _check(s.flush_every >= 0, "shield.flush-every", s.flush_every, ">= 0 (0 = never)")
         _check(math.isfinite(s.prune_lead_weight) and s.prune_lead_weight >= 1.0,
                "shield.prune-lead-weight", s.prune_lead_weight, ">= 1 (1 = no priority)")
         _check(s.weight_scale > 0, "shield.weight-scale", s.weight_scale, "> 0")

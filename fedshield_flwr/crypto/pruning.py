@@ -56,6 +56,9 @@ class PruneSchedule:
         A round in which every block is sent whatever the ratio, so that the error-feedback
         residual each silo holds reaches the aggregate (the run's last round, so that the
         final model holds every update); 0 = none.
+    flush_every : int, default 0
+        Also flush in every round that is a multiple of this (bounds how far the global
+        adapter lags the silos' progress during a long run); 0 = never.
 
     Notes
     -----
@@ -69,6 +72,7 @@ class PruneSchedule:
     initial: float = 0.0
     lead_weight: float = LEAD_WEIGHT
     flush_round: int = 0
+    flush_every: int = 0
 
     def __post_init__(self) -> None:
         for name in ("target", "initial"):
@@ -80,6 +84,8 @@ class PruneSchedule:
             raise ValueError(f"prune lead_weight must be finite and >= 1, got {self.lead_weight}")
         if self.flush_round < 0:
             raise ValueError(f"prune flush_round must be >= 0 (0 = none), got {self.flush_round}")
+        if self.flush_every < 0:
+            raise ValueError(f"prune flush_every must be >= 0 (0 = never), got {self.flush_every}")
 
     def ratio(self, server_round: int) -> float:
         """Shortcut for :func:`prune_ratio`."""
@@ -98,9 +104,11 @@ def prune_ratio(server_round: int, schedule: PruneSchedule) -> float:
     Returns
     -------
     float
-        In ``[0, 0.99]``; 0 before ``start_round`` and in ``flush_round``.
+        In ``[0, 0.99]``; 0 before ``start_round`` and in flush rounds.
     """
-    if server_round < schedule.start_round or server_round == schedule.flush_round:
+    every = schedule.flush_every
+    if (server_round < schedule.start_round or server_round == schedule.flush_round
+            or (every > 0 and server_round % every == 0)):
         ratio = 0.0
     elif schedule.ramp_rounds <= 0:
         ratio = schedule.target

@@ -199,6 +199,11 @@ def test_flush_round_sends_every_block_and_empties_the_residual():
     np.testing.assert_allclose(total_sent, total_update, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="flush_round"):
         PruneSchedule(flush_round=-1)
+    every = PruneSchedule(target=0.75, flush_every=3, flush_round=8)
+    assert [every.ratio(r) for r in range(1, 10)] == [
+        0.75, 0.75, 0.0, 0.75, 0.75, 0.0, 0.75, 0.0, 0.0]
+    with pytest.raises(ValueError, match="flush_every"):
+        PruneSchedule(flush_every=-2)
 
 
 def test_error_feedback_through_encrypt_update_keeps_unsent_values(keys):
