@@ -1,9 +1,11 @@
 """Silo handlers for ``split``: head + tail here, the middle blocks through the server's relay.
 
 A message carries round control only (relay address, this silo's token for the round, the silo
-name the token is bound to, the CA certificate when the relay serves TLS) and the global
-head + tail adapter, empty until a round has produced one (then every silo starts from the same
-seeded LoRA initialization). The silo opens one relay stream for the message, trains or
+name the token is bound to, the CA certificate when the relay serves TLS), the hash of the silo
+parts package (and the package itself when this silo's cache lacks it: the silo builds its parts
+from it and never loads a base model of its own) and the global head + tail adapter, empty until
+a round has produced one (then every silo starts from the package's initial adapter, the seeded
+LoRA of the unsplit model). The silo opens one relay stream for the message, trains or
 evaluates through it, and replies with its head + tail adapter (train) or its held-out loss
 (evaluate). Activations and gradients go through the relay only, never through Flower.
 
@@ -176,10 +178,10 @@ def _setup(msg: Message, context: Context) -> _Round:
 
 
 def _plain_global(msg: Message, rt: SiloRuntime, who: str) -> OrderedDict:
-    """fedavg: the global head + tail adapter of the message, or the seeded init if empty."""
+    """fedavg: the global head + tail adapter of the message, or the initial one if empty."""
     record = msg.content.array_records.get("arrays")
     if record is None or len(record) == 0:
-        return OrderedDict(rt.initial)  # no aggregate yet: the seeded init, as on every silo
+        return OrderedDict(rt.initial)  # no aggregate yet: the package's initial adapter
     return decode_adapter(record, rt.initial, f"server message to {who}")
 
 

@@ -132,7 +132,7 @@ class SplitMode(ServerMode):
             delivery=self.delivery, **strategy_kwargs(cfg))
 
     def initial_arrays(self) -> ArrayRecord:
-        # Empty: the silos start from their seeded initialization (identical on every silo).
+        # Empty: the silos start from the initial adapter of their parts package (all the same).
         return ArrayRecord()
 
     def checkpoint(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:

@@ -10,7 +10,9 @@ for the whole run. Per round ``t``:
    control: the relay address, a bearer token issued to that silo for round ``t``, the silo
    name the token is bound to, the CA certificate when the relay serves TLS, and the global
    silo-side (head + tail) adapter. The global adapter is empty until a round has produced one:
-   every silo then starts from the same seeded LoRA initialization, which the server never holds.
+   every silo then starts from the initial adapter in its silo parts package (the seeded LoRA
+   of the unsplit model). With ``delivery``, the first message to a silo that lacks the package
+   carries it (:class:`RelayRounds`); the middle blocks never leave the server.
 2. Each silo trains through the relay: its head outputs go up, the middle outputs come back, its
    gradient w.r.t. them goes up, the gradient w.r.t. its head outputs comes back. The relay
    batches concurrent silos into one middle step and trains the middle adapter.
@@ -308,7 +310,7 @@ class SplitFedAvg(RelayRounds, LoraFedAvg):
         The run's relay (started by :meth:`run`).
     template : Mapping[str, np.ndarray]
         Names, shapes and dtypes of the head + tail adapter the silos send back (values unused:
-        the server never holds the silo-side weights).
+        the server holds no trained silo-side weights, only the initial ones it packaged).
     delivery : PackageDelivery, optional
         Sends the silo parts package once per silo (see :class:`RelayRounds`).
     **kwargs
