@@ -19,24 +19,16 @@ from fedshield_flwr.models.adapter_quant import adapter_from_arrays, dequantize_
 from fedshield_flwr.models.lora import AdapterMismatchError, check_adapter_state
 from fedshield_flwr.silo import evaluate_round, train_round
 from fedshield_flwr.wire import PayloadError, decode_arrays
-from strategies.delivery import query_reply
+from strategies.delivery import announced_hash, query_reply
 
 from .fedavg import evaluate_reply, train_reply
 
 log = logging.getLogger("fedshield.silo")
 
 
-def _hash(msg: Message, who: str, key: str = HASH_KEY) -> str:
-    value = msg.content["config"].get(key) if "config" in msg.content else None
-    if not isinstance(value, str) or len(value) != 64:
-        raise PayloadError(f"{who} carries no valid '{key}'; do server and silo run the same "
-                           "strategy.name and app version?")
-    return value
-
-
 def query(msg: Message, context: Context) -> Message:
     node = NodeSettings.from_flat(context.node_config)
-    content_hash = _hash(msg, f"base query to silo {node.partition_id}")
+    content_hash = announced_hash(msg, f"base query to silo {node.partition_id}", HASH_KEY)
     return query_reply(msg, content_hash, has_cached_base(node, content_hash), HASH_KEY)
 
 
@@ -45,7 +37,7 @@ def _setup(msg: Message, context: Context):
     node = NodeSettings.from_flat(context.node_config)
     server_round = int(msg.content["config"]["server-round"])
     who = f"server message to silo {node.partition_id} in round {server_round}"
-    content_hash = _hash(msg, who)
+    content_hash = announced_hash(msg, who, HASH_KEY)
     t0 = time.time()
     base = msg.content.array_records.get(BASE_RECORD)
     arrays = dict(decode_arrays(base, who)) if base is not None else None

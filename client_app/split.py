@@ -50,7 +50,7 @@ from fedshield_flwr.relay import FrameError, RelayClient, RelayError
 from fedshield_flwr.silo import SiloRuntime, skip_unused_bitsandbytes
 from fedshield_flwr.train import batch_schedule, collate, cosine_lr
 from fedshield_flwr.wire import decode_adapter, decode_arrays, encode_arrays
-from strategies.delivery import query_reply
+from strategies.delivery import announced_hash, query_reply
 from strategies.split import (
     MIDDLE_RECORD,
     PARTS_HASH_KEY,
@@ -116,17 +116,10 @@ def get_split_runtime(cfg: RunConfig, node: NodeSettings, settings: SplitSetting
 def query(msg: Message, context: Context) -> Message:
     """Whether the announced silo parts package is in this silo's cache."""
     node = NodeSettings.from_flat(context.node_config)
-    content_hash = _parts_hash(msg, f"parts query to silo {node.partition_id}")
+    content_hash = announced_hash(msg, f"parts query to silo {node.partition_id}",
+                                  PARTS_HASH_KEY)
     return query_reply(msg, content_hash, has_cached_base(node, content_hash, PARTS_KIND),
                        PARTS_HASH_KEY)
-
-
-def _parts_hash(msg: Message, who: str) -> str:
-    value = msg.content["config"].get(PARTS_HASH_KEY) if "config" in msg.content else None
-    if not isinstance(value, str) or len(value) != 64:
-        raise SplitRoundError(f"{who} carries no valid '{PARTS_HASH_KEY}'; the ServerApp and "
-                              "this ClientApp must run the same app version")
-    return value
 
 
 def _remedy(exc: Exception) -> str:
@@ -170,7 +163,7 @@ def _setup(msg: Message, context: Context) -> _Round:
     who = f"silo {node.partition_id} (node {context.node_id}) in round {server_round}"
     ticket = RelayTicket.from_config(conf, who)
     t0 = time.time()
-    content_hash = _parts_hash(msg, f"server message to {who}")
+    content_hash = announced_hash(msg, f"server message to {who}", PARTS_HASH_KEY)
     parts = msg.content.array_records.get(PARTS_RECORD)
     arrays = dict(decode_arrays(parts, f"silo parts for {who}")) if parts is not None else None
     rt, silo = get_split_runtime(cfg, node, settings, content_hash, arrays, who)

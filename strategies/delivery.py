@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedshield_flwr.wire import encode_arrays
+from fedshield_flwr.wire import PayloadError, encode_arrays
 
 log = logging.getLogger("fedshield.server")
 
@@ -113,3 +113,12 @@ def query_reply(msg: Message, content_hash: str, has: bool, hash_key: str) -> Me
     """A silo's answer to a package query."""
     return Message(RecordDict({"config": ConfigRecord({HAS_KEY: has, hash_key: content_hash})}),
                    reply_to=msg)
+
+
+def announced_hash(msg: Message, who: str, hash_key: str) -> str:
+    """The package hash a server message announces (silo side); a clear error if it has none."""
+    value = msg.content["config"].get(hash_key) if "config" in msg.content else None
+    if not isinstance(value, str) or len(value) != 64:
+        raise PayloadError(f"{who} carries no valid '{hash_key}'; do server and silo run the "
+                           "same strategy.name and app version?")
+    return value

@@ -28,8 +28,10 @@ from .quantize import (
     _config_dict,
     _np,
     _tokenizer_files,
+    canonical_json,
     check_array_index,
     compute_content_hash,
+    config_from_manifest,
     verified_arrays,
 )
 from .split import SplitLayout, SplitSilo, _Absent, _Arch
@@ -50,8 +52,6 @@ class SiloPartsPackage:
 
     @property
     def nbytes(self) -> int:
-        from .quantize import canonical_json
-
         return int(sum(a.nbytes for a in self.arrays.values())) + len(canonical_json(self.manifest))
 
     @property
@@ -185,20 +185,10 @@ def model_from_parts(pkg: SiloPartsPackage) -> nn.Module:
     are replaced by stand-ins that raise if called, and only then is memory allocated and
     filled from the package. Only architectures that transformers ships; no remote code.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     manifest = pkg.manifest
-    cfg = dict(manifest["config"])
-    model_type = cfg.pop("model_type", manifest["model_type"])
-    cfg.pop("dtype", None)
-    if cfg.get("auto_map") or cfg.get("trust_remote_code"):
-        raise PackageError(f"parts package {pkg.content_hash[:12]} asks for remote code")
-    try:
-        config = AutoConfig.for_model(model_type, **cfg)
-    except (KeyError, ValueError) as exc:
-        raise PackageError(f"model_type '{model_type}' of parts package "
-                           f"{pkg.content_hash[:12]} is unknown to transformers here ({exc}); "
-                           "upgrade transformers on this silo") from exc
+    config, model_type = config_from_manifest(pkg)
     layout = pkg.layout
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

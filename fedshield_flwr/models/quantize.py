@@ -905,6 +905,29 @@ def _rows_table(src_name: str, pkg: QuantizedBasePackage,
     return table
 
 
+def config_from_manifest(pkg) -> tuple[Any, str]:
+    """The transformers config a package's manifest describes, and its model type.
+
+    Only architectures that transformers ships: a config asking for remote code is refused,
+    so a silo never runs code sent by the server.
+    """
+    from transformers import AutoConfig
+
+    cfg = dict(pkg.manifest["config"])
+    model_type = cfg.pop("model_type", pkg.manifest["model_type"])
+    cfg.pop("dtype", None)
+    if cfg.get("auto_map") or cfg.get("trust_remote_code"):
+        raise PackageError(f"package {pkg.content_hash[:12]} asks for remote code; a silo only "
+                           "rebuilds architectures that transformers ships")
+    try:
+        return AutoConfig.for_model(model_type, **cfg), model_type
+    except (KeyError, ValueError) as exc:
+        raise PackageError(
+            f"model_type '{model_type}' of package {pkg.content_hash[:12]} is unknown to "
+            f"transformers here ({exc}); upgrade transformers on this silo"
+        ) from exc
+
+
 def build_model_from_package(pkg: QuantizedBasePackage) -> nn.Module:
     """Rebuild a trainable causal LM from the package alone (silo side).
 
@@ -929,22 +952,10 @@ def build_model_from_package(pkg: QuantizedBasePackage) -> nn.Module:
     PackageError
         The model type is unknown to this transformers, or a tensor could not be placed.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     manifest = pkg.manifest
-    cfg = dict(manifest["config"])
-    model_type = cfg.pop("model_type", manifest["model_type"])
-    cfg.pop("dtype", None)
-    if cfg.get("auto_map") or cfg.get("trust_remote_code"):
-        raise PackageError(f"package {pkg.content_hash[:12]} asks for remote code; a silo only "
-                           "rebuilds architectures that transformers ships")
-    try:
-        config = AutoConfig.for_model(model_type, **cfg)
-    except (KeyError, ValueError) as exc:
-        raise PackageError(
-            f"model_type '{model_type}' of package {pkg.content_hash[:12]} is unknown to "
-            f"transformers here ({exc}); upgrade transformers on this silo"
-        ) from exc
+    config, model_type = config_from_manifest(pkg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
