@@ -97,20 +97,22 @@ def load_silo_model(mode: str, args: argparse.Namespace):
 
 
 def _lora_trainer(model, grad_ckpt: bool = False):
+    """LoRA on ``model`` and one optimizer step as the silos' ``train_lora`` takes it (same loss
+    code, same activation checkpointing switch)."""
     import torch
 
     from fedshield_flwr.config import LoraSettings
     from fedshield_flwr.models.lora import apply_lora
+    from fedshield_flwr.train import set_gradient_checkpointing, token_loss
 
     peft_model = apply_lora(model, LoraSettings(), seed=0)
-    if grad_ckpt:
-        peft_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_gradient_checkpointing(peft_model, grad_ckpt)
     peft_model.train()
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-4)
 
     def step(batch) -> float:
-        loss = peft_model(**batch).loss
+        total, count = token_loss(peft_model, batch)
+        loss = total / count
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -82,6 +82,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     eval_batch_size: int = 16
     progress: bool = True
+    gradient_checkpointing: bool = False  # recompute block activations in backward (less memory)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class RunConfig:
             weight_decay=get("train.weight-decay", 0.0, float),
             eval_batch_size=get("train.eval-batch-size", 16, int),
             progress=get("train.progress", True, bool),
+            gradient_checkpointing=get("train.gradient-checkpointing", False, bool),
         )
         _check(train.batch_size >= 1, "train.batch-size", train.batch_size, ">= 1")
         _check(train.gradient_accumulation_steps >= 1, "train.gradient-accumulation-steps",

@@ -4,6 +4,12 @@ One readable PyTorch loop: AdamW on the trainable (LoRA) parameters, a learning 
 round by a cosine schedule over rounds (FlowerTune's ``cosine_annealing``), gradient accumulation
 and clipping, at most ``max_steps`` optimizer steps per round. Seeded: the same seed, round and
 silo give the same batches, dropout masks and result on CPU.
+
+Memory: the loss (:func:`token_loss`) computes output-head logits only at labelled (response)
+positions and only ``LOSS_CHUNK_TOKENS`` of them at a time, recomputing each chunk in the
+backward pass, so a ``batch x length x vocab`` logits tensor (400 MB for 8 x 256 tokens of a
+49k vocabulary, and several copies of it in the loss and its gradient) never exists. ``train.gradient-checkpointing``
+additionally recomputes each decoder block's activations in the backward pass.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .config import TrainSettings
@@ -72,6 +80,72 @@ def _device(model) -> torch.device:
     return next(p.device for p in model.parameters())
 
 
+# Causal-LM families whose forward is exactly decoder -> output head -> mean token cross-entropy
+# (no logit scaling or soft-capping): for them :func:`token_loss` computes the loss in chunks.
+# Any other model goes through its own forward (correct, with the full logits tensor).
+CHUNKED_LOSS_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3"})
+LOSS_CHUNK_TOKENS = 256
+
+
+def _causal_lm(model):
+    """The transformers ``*ForCausalLM`` inside a PEFT wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``(sum of next-token cross-entropy over labelled tokens, their count)`` for ``batch``.
+
+    Equal to ``model(**batch).loss * count`` (the transformers loss is the mean over labels
+    ``!= IGNORE_INDEX`` after the shift) up to float rounding. For
+    :data:`CHUNKED_LOSS_MODEL_TYPES` the head runs on labelled positions only, in chunks of
+    :data:`LOSS_CHUNK_TOKENS`, each recomputed during backward (see the module docstring).
+    """
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    count = int(keep.sum())
+    lm = _causal_lm(model)
+    if getattr(lm.config, "model_type", None) not in CHUNKED_LOSS_MODEL_TYPES:
+        return model(**batch).loss * count, count
+    hidden = lm.base_model(input_ids=batch["input_ids"],
+                           attention_mask=batch.get("attention_mask")).last_hidden_state
+    hidden, targets = hidden[:, :-1][keep], targets[keep]
+    head = lm.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, count, LOSS_CHUNK_TOKENS):
+        h, t = hidden[i:i + LOSS_CHUNK_TOKENS], targets[i:i + LOSS_CHUNK_TOKENS]
+        if torch.is_grad_enabled():  # keep no logits for backward: recompute them there
+            total = total + checkpoint(_ce_sum, h, t, head, use_reentrant=False)
+        else:
+            total = total + _ce_sum(h, t, head)
+    return total, count
+
+
+def set_gradient_checkpointing(model, enabled: bool) -> None:
+    """Switch activation checkpointing of the decoder blocks on or off (transformers models)."""
+    lm = _causal_lm(model)
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        if enabled:
+            log.warning("%s does not support gradient checkpointing; training without it",
+                        type(lm).__name__)
+        return
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x (old names warn)
+        on, enable, disable = (lm.is_activation_checkpointing, lm.activation_checkpointing_enable,
+                               lm.activation_checkpointing_disable)
+        kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+    else:
+        on, enable, disable = (lm.is_gradient_checkpointing, lm.gradient_checkpointing_enable,
+                               lm.gradient_checkpointing_disable)
+        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if enabled and not on:
+        enable(**kwargs)
+    elif not enabled and on:
+        disable()
+
+
 def train_lora(
     model,
     rows: Sequence[dict],
@@ -92,6 +166,7 @@ def train_lora(
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=settings.weight_decay)
     accum = settings.gradient_accumulation_steps
     batches = batch_schedule(len(rows), settings.batch_size, settings.max_steps * accum, seed)
+    set_gradient_checkpointing(model, settings.gradient_checkpointing)
     model.train()
     losses: list[float] = []
     bar = tqdm(total=settings.max_steps, desc=desc, disable=not settings.progress,
@@ -101,7 +176,10 @@ def train_lora(
         for micro in range(accum):
             batch = collate([rows[i] for i in batches[step * accum + micro]], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss / accum
+            total, count = token_loss(model, batch)
+            if count == 0:  # nothing labelled in this micro-batch (e.g. every answer truncated)
+                continue
+            loss = total / count / accum
             loss.backward()
             step_loss += loss.item()
         if settings.max_grad_norm > 0:
@@ -135,10 +213,10 @@ def evaluate(model, rows: Sequence[dict], batch_size: int, pad_id: int) -> EvalR
     rows = sorted(rows, key=lambda r: len(r["input_ids"]))
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch_total, n = token_loss(model, batch)
         if n == 0:
             continue
-        total += float(model(**batch).loss) * n
+        total += float(batch_total)
         count += n
     loss = total / max(count, 1)
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), num_tokens=count,
