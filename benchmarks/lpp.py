@@ -252,7 +252,6 @@ def run_main(args: argparse.Namespace) -> dict[str, Any]:
     from fedshield_flwr.models.load import cache_root, load_base_model, load_tokenizer
     from fedshield_flwr.models.lora import apply_lora, set_adapter_state
     from fedshield_flwr.models.quantize import (
-        BaseQuantSpec,
         build_model_from_package,
         build_quantized_package,
         cached_package,
@@ -270,12 +269,18 @@ def run_main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     n_params = sum(p.numel() for p in fp_model.parameters())  # tied weights counted once
 
+    from dataclasses import replace
+
+    from fedshield_flwr.config import LppSettings
+    from fedshield_flwr.lpp import base_spec
+
+    spec = base_spec(LppSettings())  # the product's defaults (blocksize, clipping)
     sizes: dict[str, int] = {}
     pkg = None
     build_s = 0.0
     for qt in ("nf4", "fp4", "int8"):
         t = time.perf_counter()
-        p = build_quantized_package(fp_model, BaseQuantSpec(quant_type=qt), tokenizer=tokenizer)
+        p = build_quantized_package(fp_model, replace(spec, quant_type=qt), tokenizer=tokenizer)
         nb = package_nbytes(p)
         sizes[qt] = nb["total"] - nb["tokenizer"]
         if qt == args.quant_type:
@@ -334,6 +339,15 @@ def run_main(args: argparse.Namespace) -> dict[str, Any]:
     # IP margin: base alone (zero adapter), then full adapter vs k-bit adapter per bits
     eval_batches = text_batches(tokenizer, 1 + args.eval_batches)[1:]
     base_margin = ip_margin(fp_model, silo_model, eval_batches).as_dict()
+    # the same package without per-block clipping: what clip_search buys (weights and loss)
+    plain = build_quantized_package(fp_model, replace(spec, quant_type=args.quant_type,
+                                                      clip_search=False))
+    clip_effect = {
+        "loss_silo_plain_absmax": ip_margin(fp_model, build_model_from_package(plain),
+                                            eval_batches).as_dict()["loss_silo"],
+        "loss_silo_clipped": base_margin["loss_silo"], "loss_full": base_margin["loss_full"],
+    }
+    del plain
     lora = LoraSettings()
     full = apply_lora(fp_model, lora, seed=0)
     set_adapter_state(full, trained)
@@ -404,6 +418,9 @@ def run_main(args: argparse.Namespace) -> dict[str, Any]:
         "step_seconds_separate_processes": {m: [r["step_seconds_median"] for r in v]
                                             for m, v in runs.items()},
         "train_losses": {m: v[0]["losses"] for m, v in runs.items()},
+        "base_spec": {"blocksize": spec.blocksize, "clip_search": spec.clip_search,
+                      "compress_statistics": spec.compress_statistics},
+        "clip_search": clip_effect,
         "adapter_fp32_bytes": adapter_fp32_bytes,
         "adapter_quant": adapter_q,
         "ip_margin": {

@@ -307,7 +307,8 @@ class LppSettings:
     """``lpp.*`` keys: how the base and the global adapter are quantized for silos."""
 
     quant_type: str = "nf4"  # base weights, embeddings and head: nf4 | fp4 | int8
-    base_blocksize: int = 64  # values per 4-bit block of the base
+    base_blocksize: int = 32  # values per 4-bit block of the base
+    clip_search: bool = True  # per-block MSE-optimal clipping before 4-bit quantization
     adapter_bits: int = 4  # bits per value of the global adapter sent to silos
     adapter_blocksize: int = 64  # values per absmax block of the k-bit adapter
     server_lr: float = 1.0  # fp_adapter += server_lr * (mean(silo adapters) - sent adapter)
@@ -320,7 +321,8 @@ class LppSettings:
         sec = cfg.section("lpp")
         s = cls(
             quant_type=str(sec.get("quant-type", "nf4")).lower(),
-            base_blocksize=int(sec.get("base-blocksize", 64)),
+            base_blocksize=int(sec.get("base-blocksize", 32)),
+            clip_search=bool(sec.get("clip-search", True)),
             adapter_bits=int(sec.get("adapter-bits", 4)),
             adapter_blocksize=int(sec.get("adapter-blocksize", 64)),
             server_lr=float(sec.get("server-lr", 1.0)),

@@ -41,7 +41,8 @@ HASH_KEY = "base-hash"  # ConfigRecord key: content hash of the base the silo mu
 
 
 def base_spec(s: LppSettings) -> BaseQuantSpec:
-    return BaseQuantSpec(quant_type=s.quant_type, blocksize=s.base_blocksize)
+    return BaseQuantSpec(quant_type=s.quant_type, blocksize=s.base_blocksize,
+                         clip_search=s.clip_search)
 
 
 def adapter_spec(s: LppSettings) -> AdapterQuantSpec:

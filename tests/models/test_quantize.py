@@ -32,6 +32,7 @@ from fedshield_flwr.models.quantize import (
     ip_margin,
     load_or_build_package,
     load_package,
+    mse_clip,
     package_from_arrays,
     package_nbytes,
     package_to_arrays,
@@ -41,9 +42,10 @@ from fedshield_flwr.models.quantize import (
 IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def _fake_quantized(model, quant_type: str):
+def _fake_quantized(model, quant_type: str, clip: bool = True):
     """Reference: the fp model with every Linear/Conv1D/Embedding weight replaced by its
-    bitsandbytes quantize -> dequantize round trip (same math, fp32 modules)."""
+    bitsandbytes quantize -> dequantize round trip (same math, fp32 modules), after the
+    per-block clipping when ``clip``."""
     ref = copy.deepcopy(model)
     done: set[int] = set()  # a tied weight is quantized once
     with torch.no_grad():
@@ -53,6 +55,7 @@ def _fake_quantized(model, quant_type: str):
                     continue
                 done.add(id(mod.weight))
                 w = mod.weight.t() if isinstance(mod, Conv1D) else mod.weight
+                w = mse_clip(w, quant_type, 64) if clip else w
                 q, st = bnbf.quantize_4bit(w.contiguous(), blocksize=64, compress_statistics=True,
                                            quant_type=quant_type)
                 d = bnbf.dequantize_4bit(q, st)
@@ -74,18 +77,51 @@ def _tied_llama():
     return model
 
 
-@pytest.mark.parametrize("arch, quant_type", [
-    ("llama", "nf4"), ("qwen2", "nf4"), ("mistral", "nf4"), ("gpt2", "nf4"),
-    ("llama", "fp4"), ("gpt2", "fp4"),
+@pytest.mark.parametrize("arch, quant_type, clip", [
+    ("llama", "nf4", True), ("qwen2", "nf4", True), ("mistral", "nf4", True),
+    ("gpt2", "nf4", True), ("llama", "fp4", True), ("gpt2", "fp4", True),
+    ("llama", "nf4", False), ("gpt2", "fp4", False),
 ])
-def test_rebuilt_4bit_model_matches_bitsandbytes_reference(arch, quant_type):
+def test_rebuilt_4bit_model_matches_bitsandbytes_reference(arch, quant_type, clip):
     model = load_base_model(f"tiny:{arch}")
-    pkg = build_quantized_package(model, BaseQuantSpec(quant_type=quant_type))
+    pkg = build_quantized_package(model, BaseQuantSpec(quant_type=quant_type, clip_search=clip))
+    assert pkg.manifest["quant"]["clip_search"] is clip
     silo = build_model_from_package(package_from_arrays(package_to_arrays(pkg), pkg.content_hash))
-    got, ref, fp = _logits(silo), _logits(_fake_quantized(model, quant_type)), _logits(model)
+    ref = _fake_quantized(model, quant_type, clip)
+    got, ref, fp = _logits(silo), _logits(ref), _logits(model)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     # and close to full precision (random tiny weights are the worst case for 4 bits)
     assert float((got - fp).norm() / fp.norm()) < 0.35
+
+
+def _roundtrip_error(w: torch.Tensor, source: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Per-block squared error against ``w`` of bitsandbytes' 4-bit round trip of ``source``."""
+    q, st = bnbf.quantize_4bit(source.contiguous(), blocksize=64, compress_statistics=False,
+                               quant_type=quant_type)
+    return (bnbf.dequantize_4bit(q, st) - w).square().reshape(-1)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_mse_clip_lowers_4bit_error_and_only_shrinks_outliers(quant_type):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 200, generator=gen)  # 19200 values: 300 whole blocks of 64
+    w[torch.rand(w.shape, generator=gen) < 0.01] *= 6.0  # sparse outliers stretch some blocks
+    clipped = mse_clip(w, quant_type, 64)
+    assert clipped.shape == w.shape
+    assert bool((clipped.abs() <= w.abs()).all())  # clipping moves values toward 0, never out
+    moved = clipped != w
+    assert 0 < int(moved.sum()) < w.numel() // 20  # a few extremes per block, not the bulk
+    plain = _roundtrip_error(w, w, quant_type).view(-1, 64).sum(1)
+    ours = _roundtrip_error(w, clipped, quant_type).view(-1, 64).sum(1)
+    assert bool((ours <= plain * (1 + 1e-5)).all())  # no block gets worse (1.0 is in the grid)
+    assert float(ours.sum()) < 0.95 * float(plain.sum())
+
+
+def test_mse_clip_handles_a_last_partial_block():
+    w = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))  # 150 = 2 x 64 + 22
+    clipped = mse_clip(w, "nf4", 64)
+    assert clipped.shape == w.shape and bool(torch.isfinite(clipped).all())
+    assert bool((clipped.abs() <= w.abs()).all())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
