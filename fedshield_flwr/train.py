@@ -84,7 +84,7 @@ def _device(model) -> torch.device:
 # (no logit scaling or soft-capping): for them :func:`token_loss` computes the loss in chunks.
 # Any other model goes through its own forward (correct, with the full logits tensor).
 CHUNKED_LOSS_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3"})
-LOSS_CHUNK_TOKENS = 256
+LOSS_CHUNK_TOKENS = 64
 
 
 def _causal_lm(model):
