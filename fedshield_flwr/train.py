@@ -8,8 +8,9 @@ silo give the same batches, dropout masks and result on CPU.
 Memory: the loss (:func:`token_loss`) computes output-head logits only at labelled (response)
 positions and only ``LOSS_CHUNK_TOKENS`` of them at a time, recomputing each chunk in the
 backward pass, so a ``batch x length x vocab`` logits tensor (400 MB for 8 x 256 tokens of a
-49k vocabulary, and several copies of it in the loss and its gradient) never exists. ``train.gradient-checkpointing``
-additionally recomputes each decoder block's activations in the backward pass.
+49k vocabulary, and several copies of it in the loss and its gradient) never exists.
+``train.gradient-checkpointing`` additionally recomputes each decoder block's activations in the
+backward pass.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     count = int(keep.sum())
+    if count == 0:  # nothing to score: skip the forward pass
+        return torch.zeros((), device=targets.device), 0
     lm = _causal_lm(model)
     if getattr(lm.config, "model_type", None) not in CHUNKED_LOSS_MODEL_TYPES:
         return model(**batch).loss * count, count

@@ -101,3 +101,11 @@ def test_gradient_checkpointing_trains_the_same_adapter():
         np.testing.assert_allclose(states[0][k], states[1][k], atol=1e-6)
     set_gradient_checkpointing(model, False)
     assert not model.get_base_model().is_activation_checkpointing
+
+
+def test_token_loss_of_a_batch_without_labels_is_zero_without_a_forward_pass():
+    tok, model, data = _setup()
+    batch = collate(data.train[:2], tok.pad_token_id)
+    batch["labels"][:] = -100
+    total, count = token_loss(model, batch)
+    assert count == 0 and float(total) == 0.0
