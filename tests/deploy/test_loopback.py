@@ -134,9 +134,12 @@ def _check_split(run: OneRound) -> None:
 
 def _check_lpp(run: OneRound) -> None:
     """The quantized base went down once per site with round 1; the server kept fp32."""
+    from fedshield_flwr.config import LppSettings
+    from fedshield_flwr.lpp import base_spec
     from fedshield_flwr.models.quantize import load_or_build_package
 
-    pkg = load_or_build_package("tiny:llama")  # the ServerApp built it in the shared test cache
+    # the ServerApp built it (default lpp.* settings) in the shared test cache
+    pkg = load_or_build_package("tiny:llama", base_spec(LppSettings()))
     r0, r1 = run.rounds()
     assert r0["bytes_down"] == 0  # no federated evaluation: round 1 is the first contact
     assert r1["bytes_down"] > SITES * pkg.nbytes  # each site received the package once
