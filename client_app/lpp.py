@@ -14,9 +14,10 @@ import time
 from flwr.app import Context, Message
 
 from fedshield_flwr.config import NodeSettings, RunConfig
-from fedshield_flwr.lpp import ADAPTER_RECORD, BASE_RECORD, HASH_KEY, has_cached_base, silo_runtime
+from fedshield_flwr.lpp import ADAPTER_RECORD, BASE_RECORD, HASH_KEY, silo_runtime
 from fedshield_flwr.models.adapter_quant import adapter_from_arrays, dequantize_adapter
 from fedshield_flwr.models.lora import AdapterMismatchError, check_adapter_state
+from fedshield_flwr.package_cache import has_cached_package
 from fedshield_flwr.silo import evaluate_round, train_round
 from fedshield_flwr.wire import PayloadError, decode_arrays
 from strategies.delivery import announced_hash, query_reply
@@ -29,7 +30,7 @@ log = logging.getLogger("fedshield.silo")
 def query(msg: Message, context: Context) -> Message:
     node = NodeSettings.from_flat(context.node_config)
     content_hash = announced_hash(msg, f"base query to silo {node.partition_id}", HASH_KEY)
-    return query_reply(msg, content_hash, has_cached_base(node, content_hash), HASH_KEY)
+    return query_reply(msg, content_hash, has_cached_package(node, content_hash), HASH_KEY)
 
 
 def _setup(msg: Message, context: Context):

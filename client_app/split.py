@@ -34,7 +34,6 @@ from fedshield_flwr.config import NodeSettings, RunConfig, ShieldSettings
 from fedshield_flwr.crypto import catch_up, encrypt_update, with_residual
 from fedshield_flwr.crypto.provision import silo_keyset
 from fedshield_flwr.data import IGNORE_INDEX
-from fedshield_flwr.lpp import has_cached_base, receive_package
 from fedshield_flwr.models import export_adapter
 from fedshield_flwr.models.parts import PARTS_KIND, parts_from_arrays, silo_from_parts
 from fedshield_flwr.models.quantize import package_tokenizer
@@ -46,6 +45,7 @@ from fedshield_flwr.models.split import (
     merge_adapter_states,
     run_silo_round,
 )
+from fedshield_flwr.package_cache import has_cached_package, receive_package
 from fedshield_flwr.relay import FrameError, RelayClient, RelayError
 from fedshield_flwr.silo import SiloRuntime, skip_unused_bitsandbytes
 from fedshield_flwr.train import batch_schedule, collate, cosine_lr
@@ -118,7 +118,7 @@ def query(msg: Message, context: Context) -> Message:
     node = NodeSettings.from_flat(context.node_config)
     content_hash = announced_hash(msg, f"parts query to silo {node.partition_id}",
                                   PARTS_HASH_KEY)
-    return query_reply(msg, content_hash, has_cached_base(node, content_hash, PARTS_KIND),
+    return query_reply(msg, content_hash, has_cached_package(node, content_hash, PARTS_KIND),
                        PARTS_HASH_KEY)
 
 

@@ -1,11 +1,9 @@
 """``lpp`` glue helpers shared by the ServerApp and the ClientApp (no Flower round logic here).
 
 Silo side: the quantized base arrives once as an ``ArrayRecord`` (``"base"``) next to its content
-hash, is verified and kept under ``<cache>/silo/lpp-base/<hash>``, and the silo's model is rebuilt
-from that package alone (:func:`silo_runtime`): no hub, no local path of its own. Later messages
-carry only the hash. The silo's package cache is separate from the server's build cache
-(``<cache>/lpp-base``) even when both live on one machine, so a simulation exercises the same
-delivery a deployment does.
+hash, is verified and kept in the silo's package cache (:mod:`.package_cache`,
+``<cache>/silo/lpp-base/<hash>``), and the silo's model is rebuilt from that package alone
+(:func:`silo_runtime`): no hub, no local path of its own. Later messages carry only the hash.
 
 Server side: the specs from ``lpp.*`` settings and the held-out evaluation rows the server uses
 for the per-round IP margin (:func:`server_eval_rows`).
@@ -15,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from .config import LppSettings, NodeSettings, RunConfig
 from .data import cached_silo_data
@@ -25,12 +22,9 @@ from .models.quantize import (
     BaseQuantSpec,
     PackageError,
     build_model_from_package,
-    cached_package,
-    package_dir,
-    package_from_arrays,
     package_tokenizer,
-    save_package,
 )
+from .package_cache import receive_package
 from .silo import SiloRuntime
 
 log = logging.getLogger("fedshield.lpp")
@@ -47,51 +41,6 @@ def base_spec(s: LppSettings) -> BaseQuantSpec:
 
 def adapter_spec(s: LppSettings) -> AdapterQuantSpec:
     return AdapterQuantSpec(bits=s.adapter_bits, blocksize=s.adapter_blocksize)
-
-
-def silo_cache_dir(node: NodeSettings) -> Path:
-    """Where this silo keeps received packages (``<cache>/silo``; see the module docstring)."""
-    return cache_root(node.cache_dir or None) / "silo"
-
-
-def has_cached_base(node: NodeSettings, content_hash: str, kind: str = "lpp-base") -> bool:
-    """Whether the package is on this silo's disk (cheap: no hashing; loading verifies).
-
-    ``kind`` is the package family (``"lpp-base"``, ``"split-parts"``).
-    """
-    try:
-        return (package_dir(silo_cache_dir(node), content_hash, kind)
-                / "package.safetensors").exists()
-    except PackageError:
-        return False
-
-
-def receive_package(
-    arrays: dict | None, content_hash: str, node: NodeSettings, who: str,
-    kind: str = "lpp-base", reader=None,
-):
-    """The verified package: from ``arrays`` when the server sent it (then cached), else disk.
-
-    ``reader(arrays, expected_hash=, who=)`` validates a package of ``kind`` (default: the
-    quantized base of ``lpp``). Raises :class:`PackageError` when neither holds it (the server
-    must resend: it does so when the silo's next query answers "missing") or when the content
-    does not match the hash.
-    """
-    reader = reader or package_from_arrays
-    what = {"lpp-base": "base", "split-parts": "silo parts"}.get(kind, f"{kind} package")
-    cache = silo_cache_dir(node)
-    if arrays is not None:
-        pkg = reader(arrays, expected_hash=content_hash, who=who)
-        save_package(pkg, cache, kind)
-        return pkg
-    pkg = cached_package(cache, content_hash, kind, reader)
-    if pkg is None:
-        raise PackageError(
-            f"silo {node.partition_id} has no cached {what} {content_hash[:12]} and {who} did not "
-            f"send it; its cache {cache} was cleared or lost: the server resends it after the "
-            "next query round"
-        )
-    return pkg
 
 
 _RUNTIMES: dict[tuple, SiloRuntime] = {}

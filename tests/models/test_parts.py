@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from fedshield_flwr.config import LoraSettings, NodeSettings
-from fedshield_flwr.lpp import has_cached_base, receive_package
 from fedshield_flwr.models.load import load_base_model, load_tokenizer
 from fedshield_flwr.models.lora import apply_lora, get_adapter_state
 from fedshield_flwr.models.parts import (
@@ -19,6 +18,7 @@ from fedshield_flwr.models.parts import (
 )
 from fedshield_flwr.models.quantize import PackageError, package_to_arrays, package_tokenizer
 from fedshield_flwr.models.split import SplitError, SplitLayout, SplitSilo
+from fedshield_flwr.package_cache import has_cached_package, receive_package
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 
@@ -92,13 +92,13 @@ def test_a_tampered_or_malformed_parts_package_is_refused_naming_the_sender():
 def test_silo_caches_the_package_by_hash_and_reloads_it_verified(tmp_path):
     pkg, _ = _package("tiny:llama")
     node = NodeSettings(0, 2, cache_dir=str(tmp_path))
-    assert not has_cached_base(node, pkg.content_hash, PARTS_KIND)
+    assert not has_cached_package(node, pkg.content_hash, PARTS_KIND)
     with pytest.raises(PackageError, match="did not send it"):
         receive_package(None, pkg.content_hash, node, "server", PARTS_KIND, parts_from_arrays)
     receive_package(package_to_arrays(pkg), pkg.content_hash, node, "server", PARTS_KIND,
                     parts_from_arrays)
-    assert has_cached_base(node, pkg.content_hash, PARTS_KIND)
-    assert not has_cached_base(node, pkg.content_hash)  # not an lpp base
+    assert has_cached_package(node, pkg.content_hash, PARTS_KIND)
+    assert not has_cached_package(node, pkg.content_hash)  # not an lpp base
     again = receive_package(None, pkg.content_hash, node, "server", PARTS_KIND, parts_from_arrays)
     assert again.content_hash == pkg.content_hash
     assert get_adapter_state(silo_from_parts(again, LORA, seed=5).peft_model).keys() == \
