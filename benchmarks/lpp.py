@@ -240,11 +240,14 @@ def _memory_summary(runs: dict[str, list[dict]], fp32_weights_mb: float) -> dict
 
 
 def run_main(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import replace
+
     import numpy as np
     import torch
     from safetensors.numpy import load_file
 
-    from fedshield_flwr.config import LoraSettings
+    from fedshield_flwr.config import LoraSettings, LppSettings
+    from fedshield_flwr.lpp import base_spec
     from fedshield_flwr.models.adapter_quant import (
         SUPPORTED_BITS,
         AdapterQuantSpec,
@@ -271,11 +274,6 @@ def run_main(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     n_params = sum(p.numel() for p in fp_model.parameters())  # tied weights counted once
-
-    from dataclasses import replace
-
-    from fedshield_flwr.config import LppSettings
-    from fedshield_flwr.lpp import base_spec
 
     spec = base_spec(LppSettings())  # the product's defaults (blocksize, clipping)
     sizes: dict[str, int] = {}

@@ -1163,6 +1163,8 @@ def evaluate_lm_loss(model: nn.Module, batches: Iterable[Mapping[str, torch.Tens
         ``labels`` ``[B, T]`` (default: ``input_ids`` with padding masked out). Labels are
         un-shifted, as HF models take them.
     """
+    from ..train import token_loss  # the silos' loss code (chunked head, labelled tokens only)
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -1173,12 +1175,11 @@ def evaluate_lm_loss(model: nn.Module, batches: Iterable[Mapping[str, torch.Tens
             labels = batch.get("labels")
             if labels is None:
                 labels = ids.masked_fill(mask == 0, -100) if mask is not None else ids
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.float32)
-            shift_labels = labels[:, 1:].reshape(-1)
-            total += float(torch.nn.functional.cross_entropy(
-                shift_logits, shift_labels, ignore_index=-100, reduction="sum"))
-            count += int((shift_labels != -100).sum())
+            with torch.no_grad():
+                batch_total, n = token_loss(
+                    model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+            total += float(batch_total)
+            count += n
     finally:
         model.train(was_training)
     if count == 0:
