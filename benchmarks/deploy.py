@@ -49,8 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedshield_flwr.deploy import CONNECTION, LoopbackDeployment  # noqa: E402
-from fedshield_flwr.localsim import LocalSimulationSuperLink  # noqa: E402
+from tests.harness.deploy import CONNECTION, LoopbackDeployment  # noqa: E402
+from tests.harness.localsim import LocalSimulationSuperLink  # noqa: E402
 
 # One process of a start-up variant; prints one JSON line with its phases (seconds).
 CHILD = textwrap.dedent("""

@@ -81,12 +81,10 @@ def _import_stack() -> None:
 def load_silo_model(mode: str, args: argparse.Namespace):
     """``(model, tokenizer)`` as a silo of ``mode`` gets them: fedavg loads the fp32 base from its
     directory; lpp has nothing but the cached package."""
+    from fedshield_flwr.lpp.package import cached_package
+    from fedshield_flwr.lpp.rebuild import build_model_from_package
     from fedshield_flwr.models.load import load_base_model, load_tokenizer
-    from fedshield_flwr.models.quantize import (
-        build_model_from_package,
-        cached_package,
-        package_tokenizer,
-    )
+    from fedshield_flwr.packages.model import package_tokenizer
 
     if mode == "fedavg":
         return load_base_model(args.model), load_tokenizer(args.model)
@@ -247,26 +245,24 @@ def run_main(args: argparse.Namespace) -> dict[str, Any]:
     from safetensors.numpy import load_file
 
     from fedshield_flwr.config import LoraSettings, LppSettings
-    from fedshield_flwr.lpp import base_spec
-    from fedshield_flwr.models.adapter_quant import (
+    from fedshield_flwr.lpp.adapter import (
         SUPPORTED_BITS,
         AdapterQuantSpec,
         adapter_quantization_error,
         dequantize_adapter,
         quantize_adapter,
     )
+    from fedshield_flwr.lpp.margin import evaluate_lm_loss, ip_margin
+    from fedshield_flwr.lpp.package import cached_package, save_package
+    from fedshield_flwr.lpp.quantize import (
+        build_quantized_package,
+        full_precision_tensors,
+        package_nbytes,
+    )
+    from fedshield_flwr.lpp.rebuild import build_model_from_package
+    from fedshield_flwr.lpp.silo import base_spec
     from fedshield_flwr.models.load import cache_root, load_base_model, load_tokenizer
     from fedshield_flwr.models.lora import apply_lora, set_adapter_state
-    from fedshield_flwr.models.quantize import (
-        build_model_from_package,
-        build_quantized_package,
-        cached_package,
-        evaluate_lm_loss,
-        full_precision_tensors,
-        ip_margin,
-        package_nbytes,
-        save_package,
-    )
 
     cache = Path(args.cache_dir) if args.cache_dir else cache_root()
     t0 = time.perf_counter()

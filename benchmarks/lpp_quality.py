@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.lpp import record_federated_eval_losses  # noqa: E402
-from fedshield_flwr.localsim import LocalSimulationSuperLink  # noqa: E402
 from fedshield_flwr.models import cache_root  # noqa: E402
+from tests.harness.localsim import LocalSimulationSuperLink  # noqa: E402
 
 
 def fresh_silo_cache(tmp: Path) -> Path:

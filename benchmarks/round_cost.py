@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedshield_flwr.localsim import LocalSimulationSuperLink  # noqa: E402
+from tests.harness.localsim import LocalSimulationSuperLink  # noqa: E402
 
 
 def run_model(link: LocalSimulationSuperLink, model: str, args, out_dir: Path) -> list[dict]:

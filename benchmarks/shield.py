@@ -6,7 +6,7 @@ computed, the model is not loaded) with ``--silos`` silos whose updates are Gaus
 standard deviation 1e-2 and whose aggregation weights differ. Schemes:
 
 * ``fedshield-llm-reference``: FedShield-LLM's scheme re-implemented
-  (:mod:`fedshield_flwr.crypto.reference`): public-key CKKS, N=8192, [60,40,40,60], scale 2**40,
+  (:mod:`fedshield_flwr.shield.reference`): public-key CKKS, N=8192, [60,40,40,60], scale 2**40,
   Galois keys, one CKKSVector per tensor, L1-unstructured pruning that zeroes entries and still
   encrypts them, unweighted mean (server multiplies by 1/K);
 * ``shield-dense`` / ``shield-p50`` / ``shield-p75`` / ``shield-p90``: this library at block
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedshield_flwr.crypto import (  # noqa: E402
+from fedshield_flwr.shield import (  # noqa: E402
     PruneSchedule,
     RoundAccumulator,
     SiloState,
@@ -53,7 +53,7 @@ from fedshield_flwr.crypto import (  # noqa: E402
     encrypt_update,
     generate_keyset,
 )
-from fedshield_flwr.crypto.reference import (  # noqa: E402
+from fedshield_flwr.shield.reference import (  # noqa: E402
     ReferenceParams,
     reference_context,
     reference_decrypt,

@@ -5,7 +5,7 @@ rounds as ``make demo``) three times with ``flwr run`` as a local simulation and
 final held-out eval loss. Dense shield computes the same weighted mean as fedavg (the CKKS error
 is ~1e-8); pruned shield sends 25% of the update blocks per round and keeps the rest as a residual
 (error feedback), so part of each update arrives a round or more later. Its mask is the
-prioritized round robin of ``fedshield_flwr.crypto.pruning`` (LoRA-B blocks are sent
+prioritized round robin of ``fedshield_flwr.shield.pruning`` (LoRA-B blocks are sent
 ``shield.prune-lead-weight`` times as often as the rest); silos train from the global adapter
 plus their own residual and the last round sends every block (``shield.local-residual``,
 ``shield.flush-final-round``). The JSON records every ``shield.*`` setting of each run.
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedshield_flwr.localsim import LocalSimulationSuperLink  # noqa: E402
+from tests.harness.localsim import LocalSimulationSuperLink  # noqa: E402
 
 SCHEMES = {
     "fedavg": "strategy.name='fedavg'",

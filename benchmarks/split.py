@@ -40,14 +40,10 @@ sys.path.insert(0, str(ROOT))
 from fedshield_flwr.config import LoraSettings  # noqa: E402
 from fedshield_flwr.models.load import cache_root, load_base_model, load_tokenizer  # noqa: E402
 from fedshield_flwr.models.lora import apply_lora  # noqa: E402
-from fedshield_flwr.models.split import (  # noqa: E402
-    LocalLink,
-    MiddleServer,
-    SiloTrainer,
-    SplitLayout,
-    SplitSettings,
-    SplitSilo,
-)
+from fedshield_flwr.split.arch import SplitLayout  # noqa: E402
+from fedshield_flwr.split.middle import MiddleServer  # noqa: E402
+from fedshield_flwr.split.settings import SplitSettings  # noqa: E402
+from fedshield_flwr.split.silo_model import LocalLink, SiloTrainer, SplitSilo  # noqa: E402
 
 BENCH_MODELS = {
     # a mid-size random Llama: big enough that a step is compute bound, as with real models
@@ -134,7 +130,7 @@ def _tensors(b):
 
 def server_proc(args, names, threads, ctrl_q, out_q, stop_evt):
     """The relay with the middle blocks; samples its own RSS."""
-    from fedshield_flwr.relay import RelayServer
+    from fedshield_flwr.split.relay import RelayServer
 
     torch.set_num_threads(threads)
     settings = _settings(args, **{"batch-window-ms": args.window_ms})
@@ -159,7 +155,7 @@ def silo_proc(args, idx, port, token, batches, schedule, threads, barrier, out_q
     unsplit baseline on the same batch (both then see the same CPU: the machine may be shared);
     the other silos are disconnected. ``all`` phases: the four silos train concurrently.
     """
-    from fedshield_flwr.relay import RelayClient
+    from fedshield_flwr.split.relay import RelayClient
 
     torch.set_num_threads(threads)
     name = f"silo-{idx}"
@@ -315,7 +311,7 @@ def run_split(args, batches: list, threads: int) -> dict:
 
 def measure_bytes(args, batches) -> dict:
     """Wire bytes per real token for each dtype, and the FedSEA left-padded fp16 reference."""
-    from fedshield_flwr.relay import RelayClient, RelayServer
+    from fedshield_flwr.split.relay import RelayClient, RelayServer
 
     out: dict = {}
     settings = _settings(args)
@@ -387,7 +383,7 @@ def measure_noise(args, train_batches, eval_batches, sigmas) -> dict:
 def measure_parts(models: list[str], head: int, tail: int) -> dict:
     """What a silo downloads instead of the model: the parts package of each model."""
     from fedshield_flwr.models.lora import get_adapter_state
-    from fedshield_flwr.models.parts import build_parts_package
+    from fedshield_flwr.split.parts import build_parts_package
 
     out = {}
     for name in dict.fromkeys(models):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 
+from fedshield_flwr import protocol as p
 from fedshield_flwr.config import NodeSettings, RunConfig
 from fedshield_flwr.silo import evaluate_round, get_runtime, train_round
 from fedshield_flwr.wire import decode_adapter, encode_arrays
@@ -17,13 +18,13 @@ log = logging.getLogger("fedshield.silo")
 def _setup(msg: Message, context: Context):
     cfg = RunConfig.from_flat(context.run_config)
     node = NodeSettings.from_flat(context.node_config)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = p.message_round(msg)
     t0 = time.time()
     rt = get_runtime(cfg, node)
     load_s = time.time() - t0
     t0 = time.time()
     who = f"server message to silo {node.partition_id} in round {server_round}"
-    adapter = decode_adapter(msg.content["arrays"], rt.adapter_state(), who)
+    adapter = decode_adapter(msg.content[p.ARRAYS], rt.adapter_state(), who)
     return cfg, node, server_round, rt, adapter, load_s, time.time() - t0
 
 
@@ -39,16 +40,11 @@ def train_reply(msg: Message, rt, result, server_round: int, load_s: float,
                 decode_s: float) -> Message:
     """The reply a plaintext-adapter silo sends after training: its adapter + ``TrainResult``."""
     t0 = time.time()
-    arrays: ArrayRecord = encode_arrays(rt.adapter_state())
-    metrics = MetricRecord({
-        "train_loss": result.loss,
-        "num-examples": result.num_examples,
-        "server-round": server_round,
-        "load-seconds": load_s,
-        "train-seconds": result.seconds,
-        "serialize-seconds": decode_s + time.time() - t0,
-    })
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    arrays = encode_arrays(rt.adapter_state())
+    metrics = p.train_metrics(result, server_round, **{
+        p.LOAD_S: load_s, p.SERIALIZE_S: decode_s + time.time() - t0})
+    return p.reply(msg, metrics, **{p.ARRAYS: arrays})
+
 
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, server_round, rt, adapter, load_s, _ = _setup(msg, context)
@@ -59,14 +55,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def evaluate_reply(msg: Message, result, server_round: int, load_s: float,
                    eval_s: float) -> Message:
-    """The reply every mode's silo sends after evaluating (``EvalResult`` + timings)."""
-    metrics = MetricRecord({
-        "eval_loss": result.loss,
-        "eval_perplexity": result.perplexity,
-        "num-tokens": result.num_tokens,
-        "num-examples": result.num_examples,
-        "server-round": server_round,
-        "load-seconds": load_s,
-        "eval-seconds": eval_s,
-    })
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    """The reply every plaintext-adapter silo sends after evaluating (``EvalResult`` + timings)."""
+    return p.reply(msg, p.eval_metrics(result, server_round, **{p.LOAD_S: load_s,
+                                                                 p.EVAL_S: eval_s}))

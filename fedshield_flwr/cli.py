@@ -71,8 +71,8 @@ def _keys_args(p: argparse.ArgumentParser) -> None:
 @command("keys", _keys_args)
 def keys(args: argparse.Namespace) -> int:
     """Create the CKKS keyset of the shield mode (silo file with secret, server file without)."""
-    from .crypto import write_keyset_files
-    from .crypto.keys import ServerKeyset
+    from fedshield_flwr.shield import write_keyset_files
+    from fedshield_flwr.shield.keys import ServerKeyset
 
     try:
         silo_path, server_path = write_keyset_files(args.out, overwrite=args.force)
@@ -99,7 +99,7 @@ def _certs_args(p: argparse.ArgumentParser) -> None:
 @command("certs", _certs_args)
 def certs(args: argparse.Namespace) -> int:
     """Create a CA and the SuperLink's TLS certificate (for --ssl-* and root-certificates)."""
-    from .provision import ProvisionError, create_certificates
+    from fedshield_flwr.provision import ProvisionError, create_certificates
 
     try:
         c = create_certificates(args.out, sans=args.san, days=args.days, force=args.force)
@@ -132,7 +132,7 @@ def _nodes_args(p: argparse.ArgumentParser) -> None:
 @command("nodes", _nodes_args)
 def nodes(args: argparse.Namespace) -> int:
     """Create SuperNode key pairs (OpenSSH ECDSA P-384) and print how to register them."""
-    from .provision import (
+    from fedshield_flwr.provision import (
         ProvisionError,
         create_node_key,
         create_node_keys,

@@ -1,8 +1,8 @@
 """What a silo holds between messages: tokenizer, base model + LoRA, its own data.
 
 In simulation one ClientApp process serves many messages (and several silos), so the runtime is
-cached per process and per (model, LoRA, data, node) settings; the adapter weights are replaced on
-every message. In deployment Flower starts a fresh process per message, so the first call pays
+cached per process (:func:`cached_runtime`, one model at a time, the one cache of every mode) and
+per (model, LoRA, data, node) settings; the adapter weights are replaced on every message. In deployment Flower starts a fresh process per message, so the first call pays
 for loading the base model from the on-disk cache (seconds, see ``models/load.py``); the silo's
 tokenized rows come from their own on-disk cache (``data/silo_cache.py``), and such a process
 skips importing bitsandbytes when nothing is quantized (:func:`skip_unused_bitsandbytes`).
@@ -14,14 +14,15 @@ import logging
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .config import NodeSettings, RunConfig
-from .data import SiloData, cached_silo_data
-from .models import (
+from fedshield_flwr.config import NodeSettings, RunConfig
+from fedshield_flwr.data import SiloData, cached_silo_data
+from fedshield_flwr.models import (
     apply_lora,
     cache_root,
     get_adapter_state,
@@ -30,7 +31,8 @@ from .models import (
     resolve_model_path,
     set_adapter_state,
 )
-from .train import EvalResult, TrainResult, cosine_lr, evaluate, train_lora
+from fedshield_flwr.modes import get_mode
+from fedshield_flwr.train import EvalResult, TrainResult, cosine_lr, evaluate, train_lora
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,9 @@ class SiloRuntime:
         key = (cfg.data, node.partition_id, node.num_partitions, node.data_path, cfg.train.seed)
         if key not in self.data:
             def build() -> SiloData:
-                from .data import load_silo_data  # imports `datasets`: only on a cache miss
+                from fedshield_flwr.data import (
+                    load_silo_data,  # imports `datasets`: only on a cache miss
+                )
 
                 return load_silo_data(cfg.data, node, self.tokenizer, cfg.train.seed)
 
@@ -72,9 +76,7 @@ class SiloRuntime:
         return self.data[key]
 
 
-_RUNTIMES: dict[tuple, SiloRuntime] = {}
-# Modes whose silos never quantize when model.quantization == 0 (lpp quantizes on its own).
-BITSANDBYTES_FREE_MODES = ("fedavg", "shield", "split")
+_RUNTIME: dict[tuple, Any] = {}  # at most one entry: one model per process
 # Deployment starts one of these per message (ClientApp) or per run (ServerApp).
 ONE_SHOT_APP_PROCESSES = ("flwr-clientapp", "flwr-serverapp")
 
@@ -88,12 +90,29 @@ def skip_unused_bitsandbytes(cfg: RunConfig) -> bool:
     before peft is imported, never in simulation or tests, where one process serves many
     configurations. Returns whether bitsandbytes is now hidden.
     """
-    if (cfg.model.quantization == 0 and cfg.strategy.name in BITSANDBYTES_FREE_MODES
+    if (cfg.model.quantization == 0 and not get_mode(cfg.strategy.name).needs_bitsandbytes
             and sys.argv and sys.argv[0].endswith(ONE_SHOT_APP_PROCESSES)
             and "peft" not in sys.modules and "bitsandbytes" not in sys.modules):
         sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # import -> ImportError
         return True
     return False
+
+
+def cached_runtime(key: tuple, build: Callable[[], Any]) -> Any:
+    """What ``build()`` returns, cached in this process under ``key``; one entry at a time.
+
+    Every mode's silo keeps its model here (the plain base + LoRA, lpp's rebuilt quantized base,
+    split's silo parts): a different key frees the previous model before building the next.
+    """
+    if key not in _RUNTIME:
+        _RUNTIME.clear()
+        _RUNTIME[key] = build()
+    return _RUNTIME[key]
+
+
+def clear_runtimes() -> None:
+    """Forget the cached model (tests that need a fresh build)."""
+    _RUNTIME.clear()
 
 
 def get_runtime(cfg: RunConfig, node: NodeSettings | None = None) -> SiloRuntime:
@@ -103,25 +122,25 @@ def get_runtime(cfg: RunConfig, node: NodeSettings | None = None) -> SiloRuntime
     runtime holds the same initial adapter.
     """
     cache_dir = node.cache_dir if node and node.cache_dir else None
-    key = (cfg.model, cfg.train.seed, cache_dir)
-    if key not in _RUNTIMES:
+
+    def build() -> SiloRuntime:
         t0 = time.time()
         skip_unused_bitsandbytes(cfg)
         path = resolve_model_path(cfg.model.name, cache_dir)
         tok = load_tokenizer(cfg.model.name, cache_dir)
         base = load_base_model(cfg.model.name, cfg.model.quantization, cache_dir)
         model = apply_lora(base, cfg.model.lora, seed=cfg.train.seed, base_path=path)
-        _RUNTIMES.clear()  # one model per process: free the previous one
-        _RUNTIMES[key] = SiloRuntime(model, tok, path, time.time() - t0,
-                                     initial=get_adapter_state(model))
+        rt = SiloRuntime(model, tok, path, time.time() - t0, initial=get_adapter_state(model))
         log.info("loaded %s (+LoRA r=%d) in %.1f s", cfg.model.name, cfg.model.lora.r,
-                 _RUNTIMES[key].load_seconds)
-    return _RUNTIMES[key]
+                 rt.load_seconds)
+        return rt
+
+    return cached_runtime(("base", cfg.model, cfg.train.seed, cache_dir), build)
 
 
 def initial_adapter(cfg: RunConfig) -> "OrderedDict[str, np.ndarray]":
     """The seeded initial LoRA adapter that every party derives identically."""
-    from .models.lora import apply_lora as _apply
+    from fedshield_flwr.models.lora import apply_lora as _apply
 
     skip_unused_bitsandbytes(cfg)
     base = load_base_model(cfg.model.name, 0)

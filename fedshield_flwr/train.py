@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .config import TrainSettings
-from .data.templates import IGNORE_INDEX
+from fedshield_flwr.config import TrainSettings
+from fedshield_flwr.data.templates import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

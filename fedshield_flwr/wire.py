@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from .models.lora import AdapterMismatchError, check_adapter_state
+from fedshield_flwr.models.lora import AdapterMismatchError, check_adapter_state
 
 
 class PayloadError(ValueError):

@@ -10,12 +10,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedshield_flwr.config import RunConfig
 from fedshield_flwr.logs import configure_logging
+from fedshield_flwr.modes import get_mode
 from fedshield_flwr.results import RunResults
-
-from .modes import build_mode
 
 app = ServerApp()
 log = logging.getLogger("fedshield.server")
+
+
+def build_mode(cfg: RunConfig, run_dir):
+    """The server mode of ``strategy.name`` (from the one registry, :mod:`fedshield_flwr.modes`)."""
+    return get_mode(cfg.strategy.name).server_mode()(cfg, run_dir)
 
 
 @app.main()

@@ -16,9 +16,21 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from fedshield_flwr.protocol import (
+    EVAL_LOSS,
+    EVAL_PERPLEXITY,
+    METRICS,
+    NUM_EXAMPLES,
+    NUM_TOKENS,
+    ROUND,
+    TIMING_KEYS,
+    TRAIN_LOSS,
+    check_reply_round,
+)
 from fedshield_flwr.wire import record_bytes
 
 log = logging.getLogger("fedshield.server")
@@ -74,22 +86,8 @@ def split_replies(
     return kept, problems
 
 
-def check_reply_round(msg: Message, server_round: int, metrics_key: str = "metrics") -> None:
-    """Raise ``ValueError`` unless the reply says it belongs to ``server_round``."""
-    node = msg.metadata.src_node_id
-    if metrics_key not in msg.content.metric_records:
-        raise ValueError(f"silo node {node} sent no '{metrics_key}' MetricRecord in round "
-                         f"{server_round}")
-    got = msg.content.metric_records[metrics_key].get("server-round")
-    if got is None or int(got) != server_round:
-        raise ValueError(
-            f"silo node {node} replied for round {got} during round {server_round}; "
-            "the reply is stale or replayed and was dropped"
-        )
-
-
-def weighted_metric(replies: list[Message], key: str, weight_key: str = "num-examples",
-                    metrics_key: str = "metrics") -> float | None:
+def weighted_metric(replies: list[Message], key: str, weight_key: str = NUM_EXAMPLES,
+                    metrics_key: str = METRICS) -> float | None:
     num, den = 0.0, 0.0
     for msg in replies:
         rec = msg.content.metric_records.get(metrics_key)
@@ -101,10 +99,7 @@ def weighted_metric(replies: list[Message], key: str, weight_key: str = "num-exa
     return num / den if den > 0 else None
 
 
-TIMING_KEYS = ("load-seconds", "train-seconds", "serialize-seconds", "eval-seconds")
-
-
-def silo_timings(replies: list[Message], metrics_key: str = "metrics") -> dict[str, float]:
+def silo_timings(replies: list[Message], metrics_key: str = METRICS) -> dict[str, float]:
     """Mean per-silo seconds (model load, training, (de)serialization) reported in replies."""
     out: dict[str, float] = {}
     for key in TIMING_KEYS:
@@ -115,12 +110,58 @@ def silo_timings(replies: list[Message], metrics_key: str = "metrics") -> dict[s
     return out
 
 
+def evaluate_metrics(good: list[Message]) -> MetricRecord | None:
+    """Token-weighted eval loss, perplexity and mean timings of accepted evaluate replies."""
+    loss = weighted_metric(good, EVAL_LOSS, weight_key=NUM_TOKENS)
+    if loss is None:
+        return None
+    timings = {k.replace("silo_load", "silo_eval_load"): v for k, v in silo_timings(good).items()}
+    return MetricRecord({EVAL_LOSS: loss, EVAL_PERPLEXITY: float(np.exp(min(loss, 50.0))),
+                         **timings})
+
+
+def train_metrics(good: list[Message], num_examples: float, **extra: float) -> MetricRecord:
+    """Weighted train loss, examples and mean timings of accepted train replies."""
+    return MetricRecord({TRAIN_LOSS: float(weighted_metric(good, TRAIN_LOSS) or 0.0),
+                         NUM_EXAMPLES: int(num_examples), **extra, **silo_timings(good)})
+
+
 class RoundLoop:
-    """Mixin with :meth:`run`: the loop with resume, round 0, bytes and a per-round callback."""
+    """Mixin with :meth:`run`: the loop with resume, round 0, bytes and a per-round callback.
+
+    It also keeps each round's reply bookkeeping (:meth:`settle_train`) and reads evaluate
+    replies (:meth:`accepted_evaluate_replies`), which every strategy does the same way.
+    """
 
     last_train_replies: list[Message]
     last_evaluate_replies: list[Message]
     destinations: dict[str, int] = {}  # message id -> silo node id of the last send
+    accepted_replies: int = 0
+    rejected_replies: int = 0
+    problems: list[str] = []
+
+    def settle_train(self, good: list[Message], problems: list[str]) -> None:
+        """Log the round's rejected train replies and count accepted and rejected ones."""
+        for p in problems:
+            log.warning("%s", p)
+        self.problems = problems
+        self.accepted_replies, self.rejected_replies = len(good), len(problems)
+
+    def accepted_evaluate_replies(self, server_round: int, replies: Iterable[Message]
+                                  ) -> list[Message]:
+        """Evaluate replies without errors, duplicates or a wrong round (the others logged)."""
+        kept, problems = split_replies(replies, server_round, "evaluate", self.destinations)
+        for p in problems:
+            log.warning("%s", p)
+        good = []
+        for msg in kept:
+            try:
+                check_reply_round(msg, server_round)
+            except ValueError as exc:
+                log.warning("%s", exc)
+                continue
+            good.append(msg)
+        return good
 
     def _send(self, grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[list, int, int]:
         messages = list(messages)
@@ -149,10 +190,10 @@ class RoundLoop:
         self.last_evaluate_replies = replies
         metrics = self.aggregate_evaluate(server_round, replies)
         if metrics is not None:
-            rec.eval_loss = metrics.get("eval_loss")
-            rec.eval_perplexity = metrics.get("eval_perplexity")
+            rec.eval_loss = metrics.get(EVAL_LOSS)
+            rec.eval_perplexity = metrics.get(EVAL_PERPLEXITY)
             rec.extra.update({k: v for k, v in metrics.items()
-                              if k not in ("eval_loss", "eval_perplexity")})
+                              if k not in (EVAL_LOSS, EVAL_PERPLEXITY)})
 
     def run(
         self,
@@ -199,9 +240,9 @@ class RoundLoop:
                 log.warning("round %d: no usable training reply; the global adapter is unchanged",
                             server_round)
             if metrics is not None:
-                rec.train_loss = metrics.get("train_loss")
+                rec.train_loss = metrics.get(TRAIN_LOSS)
                 rec.extra.update({k: v for k, v in metrics.items()
-                                  if k not in ("train_loss", "num-examples", "server-round")})
+                                  if k not in (TRAIN_LOSS, NUM_EXAMPLES, ROUND)})
             rec.replies = getattr(self, "accepted_replies", len(replies))
             if rec.replies:
                 rec.extra["bytes_up_per_silo"] = rec.bytes_up // max(len(replies), 1)

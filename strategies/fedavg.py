@@ -17,9 +17,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
+from fedshield_flwr.protocol import ARRAYS, NUM_EXAMPLES, check_reply_round, reply_metrics
 from fedshield_flwr.wire import PayloadError, decode_adapter, encode_arrays
-
-from .base import RoundLoop, check_reply_round, silo_timings, split_replies, weighted_metric
+from strategies.base import RoundLoop, evaluate_metrics, split_replies, train_metrics
 
 log = logging.getLogger("fedshield.server")
 
@@ -79,14 +79,14 @@ class LoraFedAvg(RoundLoop, FedAvg):
             check_reply_round(msg, server_round)
         except ValueError as exc:
             raise PayloadError(str(exc)) from exc
-        if "arrays" not in msg.content.array_records:
-            raise PayloadError(f"silo node {node} sent no 'arrays' in round {server_round}")
-        weight = float(msg.content.metric_records["metrics"].get("num-examples", 0))
+        if ARRAYS not in msg.content.array_records:
+            raise PayloadError(f"silo node {node} sent no '{ARRAYS}' in round {server_round}")
+        weight = float(reply_metrics(msg).get(NUM_EXAMPLES, 0))
         if not weight > 0:
             raise PayloadError(f"silo node {node} reported num-examples={weight} in round "
                                f"{server_round}; it must be positive")
         who = f"silo node {node} in round {server_round}"
-        return decode_adapter(msg.content.array_records["arrays"], self.template, who), weight
+        return decode_adapter(msg.content.array_records[ARRAYS], self.template, who), weight
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -102,36 +102,10 @@ class LoraFedAvg(RoundLoop, FedAvg):
             states.append(state)
             weights.append(weight)
             good.append(msg)
-        for p in problems:
-            log.warning("%s", p)
-        self.problems = problems
-        self.accepted_replies, self.rejected_replies = len(good), len(problems)
+        self.settle_train(good, problems)
         if not states:
             return None, None
-        merged = weighted_average(states, weights)
-        metrics = MetricRecord({
-            "train_loss": float(weighted_metric(good, "train_loss") or 0.0),
-            "num-examples": int(sum(weights)),
-            **silo_timings(good),
-        })
-        return encode_arrays(merged), metrics
+        return encode_arrays(weighted_average(states, weights)), train_metrics(good, sum(weights))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        kept, problems = split_replies(replies, server_round, "evaluate", self.destinations)
-        for p in problems:
-            log.warning("%s", p)
-        good = []
-        for msg in kept:
-            try:
-                check_reply_round(msg, server_round)
-                good.append(msg)
-            except ValueError as exc:
-                log.warning("%s", exc)
-        if not good:
-            return None
-        loss = weighted_metric(good, "eval_loss", weight_key="num-tokens")
-        if loss is None:
-            return None
-        timings = {k.replace("silo_load", "silo_eval_load"): v for k, v in silo_timings(good).items()}
-        return MetricRecord({"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))),
-                             **timings})
+        return evaluate_metrics(self.accepted_evaluate_replies(server_round, replies))

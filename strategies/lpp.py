@@ -6,11 +6,12 @@ Round ``r`` (FedLPP, arXiv 2406.10976)::
     replies   = the silos' adapters after local training on the quantized base
     fp       += lpp.server-lr * (weighted mean(replies) - dequantized(sent))
 
-The quantized base travels once per silo: before the first message of a run the server asks
-each silo (a Flower ``query`` message carrying the content hash) whether the package is in its
-disk cache, and attaches the package (``"base"`` ArrayRecord) only for silos that lack it. A
-silo whose reply fails is asked again next time, so a silo that lost its cache gets a fresh
-copy. Replies are validated like ``fedavg``'s (round, names, shapes, dtype, finite values,
+The message keys are :mod:`fedshield_flwr.lpp.protocol`'s. The quantized base travels once per
+silo (:class:`~fedshield_flwr.packages.delivery.PackageDelivery`): before the first message of a
+run the server asks each silo (a Flower ``query`` carrying the content hash) whether the package
+is in its disk cache, and attaches the package (``"base"`` ArrayRecord) only for silos that lack
+it. A silo whose reply fails is asked again next time, so a silo that lost its cache gets a
+fresh copy. Replies are validated like ``fedavg``'s (round, names, shapes, dtype, finite values,
 duplicates); a bad one is logged with the silo and the round and left out.
 """
 
@@ -21,20 +22,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from fedshield_flwr.lpp import ADAPTER_RECORD, BASE_RECORD, HASH_KEY
-from fedshield_flwr.models.adapter_quant import (
-    AdapterQuantSpec,
-    adapter_to_arrays,
-    lpp_server_update,
-    prepare_global_adapter,
+from fedshield_flwr.lpp.adapter import AdapterQuantSpec, lpp_server_update, prepare_global_adapter
+from fedshield_flwr.lpp.protocol import (
+    BASE_RECORD,
+    HASH_KEY,
+    adapter_record,
+    server_message,
 )
+from fedshield_flwr.packages.delivery import PackageDelivery
 from fedshield_flwr.wire import decode_arrays, encode_arrays
-
-from .delivery import PackageDelivery
-from .fedavg import LoraFedAvg
+from strategies.fedavg import LoraFedAvg
 
 log = logging.getLogger("fedshield.server")
 
@@ -92,14 +92,11 @@ class LppStrategy(LoraFedAvg):
         sent_q, sent = prepare_global_adapter(fp, self.spec)
         if remember:
             self._fp, self._sent = fp, sent
-        return encode_arrays(adapter_to_arrays(sent_q))
+        return adapter_record(sent_q)
 
     def _messages(self, template_msgs: Iterable[Message], grid: Grid, server_round: int,
                   adapter: ArrayRecord, config: ConfigRecord) -> list[Message]:
-        config["server-round"] = server_round
-        msgs = [Message(content=RecordDict({ADAPTER_RECORD: adapter, "config": config}),
-                        message_type=m.metadata.message_type, dst_node_id=m.metadata.dst_node_id)
-                for m in template_msgs]
+        msgs = [server_message(m, adapter, config, server_round) for m in template_msgs]
         return self.delivery.attach(msgs, grid, server_round)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -3,7 +3,7 @@
 Per round ``t``:
 
 1. ``configure_train`` sends every sampled silo the encrypted aggregates it has not seen yet
-   (its *downlink*, from the :class:`~fedshield_flwr.crypto.AggregateLog`), so a silo that
+   (its *downlink*, from the :class:`~fedshield_flwr.shield.AggregateLog`), so a silo that
    missed rounds catches up; no plaintext model ever leaves a silo or reaches the server.
 2. Each silo decrypts its downlink, trains from the global adapter ``G_{t-1}``, and replies with
    one payload: the ciphertexts of ``w_i * (local - G_{t-1})`` on this round's block mask.
@@ -23,54 +23,30 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedshield_flwr.crypto import (
+from fedshield_flwr.protocol import NUM_EXAMPLES, ROUND, check_reply_round, reply_metrics
+from fedshield_flwr.shield import (
     AggregateLog,
     PayloadError,
     PruneSchedule,
     RoundAccumulator,
     ServerKeyset,
-    as_array,
     prune_ratio,
 )
-
-from .base import RoundLoop, check_reply_round, silo_timings, split_replies, weighted_metric
+from fedshield_flwr.shield.protocol import (
+    FINAL_ROUND,
+    GLOBAL_ROUND,
+    PRUNE_RATIO,
+    payload_bytes,
+    server_message,
+)
+from strategies.base import RoundLoop, evaluate_metrics, split_replies, train_metrics
 
 log = logging.getLogger("fedshield.server")
-
-
-def downlink_record(records: list[bytes]) -> ArrayRecord:
-    """Encrypted aggregates as an ``ArrayRecord`` of uint8 arrays, in order."""
-    return ArrayRecord(OrderedDict(
-        (f"record-{i:05d}", Array(as_array(r))) for i, r in enumerate(records)))
-
-
-def payload_bytes(msg: Message) -> bytes:
-    """The single encrypted payload of a train reply (raises ``PayloadError`` naming the silo)."""
-    node = msg.metadata.src_node_id
-    rec = msg.content.array_records.get("payload")
-    if rec is None or "payload" not in rec:
-        raise PayloadError(f"silo node {node} sent no 'payload' array")
-    arr = rec["payload"]
-    if arr.dtype != "uint8" or len(arr.shape) != 1:
-        raise PayloadError(f"silo node {node} sent a payload of {arr.dtype}{list(arr.shape)}; "
-                           "expected a 1-D uint8 array")
-    try:
-        return arr.numpy().tobytes()
-    except Exception as exc:  # noqa: BLE001
-        raise PayloadError(f"silo node {node} sent undecodable payload bytes ({exc})") from exc
 
 
 class ShieldStrategy(RoundLoop, FedAvg):
@@ -131,21 +107,16 @@ class ShieldStrategy(RoundLoop, FedAvg):
             return []
         num = int(len(list(grid.get_node_ids())) * fraction)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num, min_nodes))
-        config["server-round"] = server_round
-        out = []
-        for node in node_ids:
-            since = self.known_round.get(node, 0)
-            records = self.log.downlink(since) if self.log is not None else []
-            content = RecordDict({"downlink": downlink_record(records),
-                                  "config": ConfigRecord(dict(config))})
-            out.append(Message(content=content, message_type=message_type, dst_node_id=node))
-        return out
+        config[ROUND] = server_round
+        return [server_message(node, self.log.downlink(self.known_round.get(node, 0))
+                               if self.log is not None else [], config, message_type)
+                for node in node_ids]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         for k, v in self.train_extra.items():
             config[k] = v
-        config["prune-ratio"] = prune_ratio(server_round, self.schedule)
+        config[PRUNE_RATIO] = prune_ratio(server_round, self.schedule)
         return self._messages(server_round, config, grid, self.fraction_train,
                               self.min_train_nodes, MessageType.TRAIN)
 
@@ -153,14 +124,14 @@ class ShieldStrategy(RoundLoop, FedAvg):
                            grid: Grid) -> Iterable[Message]:
         for k, v in self.evaluate_extra.items():
             config[k] = v
-        config["final-round"] = server_round == self.num_rounds
+        config[FINAL_ROUND] = server_round == self.num_rounds
         return self._messages(server_round, config, grid, self.fraction_evaluate,
                               self.min_evaluate_nodes, MessageType.EVALUATE)
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept, problems = split_replies(replies, server_round, "train")
+        kept, problems = split_replies(replies, server_round, "train", self.destinations)
         acc = RoundAccumulator(self.keyset, server_round, schedule=self.schedule)
         good = []
         for msg in kept:
@@ -176,44 +147,22 @@ class ShieldStrategy(RoundLoop, FedAvg):
                 continue
             self.known_round[node] = int(payload.base_round)
             good.append(msg)
-        for p in problems:
-            log.warning("%s", p)
-        self.problems = problems
-        self.accepted_replies, self.rejected_replies = len(good), len(problems)
+        self.settle_train(good, problems)
         if not good:
             return None, None
-        record = acc.finalize()
-        self.aggregate_log().append(record)
-        metrics = MetricRecord({
-            "train_loss": float(weighted_metric(good, "train_loss") or 0.0),
-            "num-examples": int(sum(float(m.content.metric_records["metrics"]["num-examples"])
-                                    for m in good)),
-            "prune_ratio": float(prune_ratio(server_round, self.schedule)),
-            **silo_timings(good),
-        })
+        self.aggregate_log().append(acc.finalize())
+        metrics = train_metrics(
+            good, sum(float(reply_metrics(m)[NUM_EXAMPLES]) for m in good),
+            prune_ratio=float(prune_ratio(server_round, self.schedule)))
         marker = ArrayRecord(OrderedDict(
             [("aggregated-round", Array(np.array([server_round], np.int64)))]))
         return marker, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        kept, problems = split_replies(replies, server_round, "evaluate")
-        for p in problems:
-            log.warning("%s", p)
-        good = []
-        for msg in kept:
-            try:
-                check_reply_round(msg, server_round)
-            except ValueError as exc:
-                log.warning("%s", exc)
-                continue
-            held = msg.content.metric_records["metrics"].get("global-round")
+        good = self.accepted_evaluate_replies(server_round, replies)
+        for msg in good:
+            held = reply_metrics(msg).get(GLOBAL_ROUND)
             if held is not None:
                 self.known_round[msg.metadata.src_node_id] = int(held)
-            good.append(msg)
-        loss = weighted_metric(good, "eval_loss", weight_key="num-tokens")
-        if loss is None:
-            return None
-        return MetricRecord({"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))),
-                             **{k.replace("silo_load", "silo_eval_load"): v
-                                for k, v in silo_timings(good).items()}})
+        return evaluate_metrics(good)

@@ -2,8 +2,8 @@
 
 The silos hold the embeddings, the first ``split.head-layers`` blocks, the last
 ``split.tail-layers`` blocks and the LM head; the server holds the middle blocks and their LoRA
-adapter behind a gRPC relay (:class:`~fedshield_flwr.relay.RelayServer`) that this strategy hosts
-for the whole run. Per round ``t``:
+adapter behind a gRPC relay (:class:`~fedshield_flwr.split.relay.control.RelayControl`) that this
+strategy hosts for the whole run; the message keys are :mod:`fedshield_flwr.split.protocol`'s. Per round ``t``:
 
 1. ``configure_train`` sets the middle adapter's learning rate (the silos' cosine schedule),
    gives it a fresh optimizer (as every silo's is), and sends each sampled silo only round
@@ -33,208 +33,21 @@ adapter so that a silo can export the merged adapter.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from fedshield_flwr.models.split import MiddleServer, SplitSettings
-from fedshield_flwr.relay import RelayServer
+from fedshield_flwr.packages.delivery import PackageDelivery
+from fedshield_flwr.split.protocol import MIDDLE_RECORD, relay_traffic
+from fedshield_flwr.split.relay.control import RelayControl
 from fedshield_flwr.wire import encode_arrays
-
-from .delivery import PackageDelivery
-from .fedavg import LoraFedAvg
-from .shield import ShieldStrategy
+from strategies.fedavg import LoraFedAvg
+from strategies.shield import ShieldStrategy
 
 log = logging.getLogger("fedshield.server")
-
-# Round control in the ConfigRecord "config" of every train/evaluate message (silo side:
-# :meth:`RelayTicket.from_config`).
-ADDRESS_KEY, TOKEN_KEY, SILO_KEY, CA_KEY = "relay-address", "relay-token", "silo-name", "relay-ca"
-# Relay traffic a silo reports in its reply metrics (bytes of serialized relay messages).
-RELAY_UP_KEY, RELAY_DOWN_KEY = "relay-bytes-up", "relay-bytes-down"
-# split.aggregation='shield': the middle adapter in the final evaluate messages, for the silos
-# that export the merged adapter (the server cannot: it never decrypts head + tail).
-MIDDLE_RECORD = "middle"
-# The silo parts package (fedshield_flwr.models.parts), sent once per silo, and its hash.
-PARTS_RECORD, PARTS_HASH_KEY = "parts", "parts-hash"
-
-
-@dataclass(frozen=True)
-class RelayTicket:
-    """What a silo needs to open its relay stream for one round (read from the message)."""
-
-    address: str
-    token: str
-    silo: str
-    ca_pem: bytes | None = None
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], who: str) -> RelayTicket:
-        missing = [k for k in (ADDRESS_KEY, TOKEN_KEY, SILO_KEY) if not config.get(k)]
-        if missing:
-            raise ValueError(
-                f"{who}: the server message lacks {', '.join(missing)}; the ServerApp and this "
-                "ClientApp must both run strategy.name='split' from the same app version")
-        ca = str(config.get(CA_KEY, ""))
-        return cls(str(config[ADDRESS_KEY]), str(config[TOKEN_KEY]), str(config[SILO_KEY]),
-                   ca.encode() if ca else None)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class RelayControl:
-    """The relay a ServerApp hosts for one run: lifecycle, per-round tokens, middle schedule.
-
-    Parameters
-    ----------
-    middle : MiddleServer
-        The server's middle blocks and their adapter.
-    settings : SplitSettings
-        ``split.*``: port, bind address, host silos dial, certificates, token lifetime.
-    learning_rate : callable
-        ``learning_rate(server_round)`` of the middle adapter (the silos use the same schedule).
-    seed : int
-        Seeds the server's random draws (the middle's LoRA dropout) per round.
-    """
-
-    def __init__(self, middle: MiddleServer, settings: SplitSettings,
-                 learning_rate: Callable[[int], float], seed: int = 0) -> None:
-        self.middle = middle
-        self.settings = settings
-        self.learning_rate = learning_rate
-        self.seed = seed
-        self.server: RelayServer | None = None
-        self.public_address = ""
-        self.ca_pem = ""
-        self._last: dict[str, float] = {}
-
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> str:
-        """Bind the relay (``split.relay-port``; 0 = a free port) and return the address silos dial."""
-        if self.server is not None:
-            return self.public_address
-        s = self.settings
-        certificates = s.server_certificates()
-        host = s.relay_host or "127.0.0.1"
-        if not _is_loopback(host) and _is_loopback(s.relay_bind):
-            raise ValueError(
-                f"split.relay-host='{host}' but split.relay-bind='{s.relay_bind}' only accepts "
-                "connections from this machine; set split.relay-bind='0.0.0.0' (or the interface "
-                "the silos reach) so remote silos can connect")
-        if certificates is None and not _is_loopback(s.relay_bind):
-            log.warning("split: the relay serves plaintext on %s; set split.relay-ca-cert, "
-                        "split.relay-server-cert and split.relay-server-key for TLS",
-                        s.relay_bind)
-        server = RelayServer(self.middle, s)
-        port = server.start(port=s.relay_port, host=s.relay_bind, certificates=certificates)
-        self.server = server
-        self.public_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.ca_pem = certificates[0].decode() if certificates else ""
-        self._last = self._counters()
-        log.info("split: relay for the middle blocks %s, silos dial %s%s",
-                 self.middle.layout.fingerprint(), self.public_address,
-                 " (TLS)" if certificates else "")
-        return self.public_address
-
-    def stop(self) -> None:
-        """Stop the relay (idempotent); the middle adapter stays for checkpoint and export."""
-        if self.server is not None:
-            server, self.server = self.server, None
-            server.stop()
-            log.info("split: relay stopped")
-
-    @property
-    def running(self) -> bool:
-        return self.server is not None
-
-    def _require(self) -> RelayServer:
-        if self.server is None:
-            raise RuntimeError("split: the relay is not running; the strategy's run() starts it")
-        return self.server
-
-    # ------------------------------------------------------------------ rounds
-    def begin_round(self, server_round: int) -> float:
-        """Middle learning rate of ``server_round``, a fresh optimizer and a reseeded dropout.
-
-        Nothing of the middle's training state but its adapter outlives a round, so a run
-        resumed from a checkpoint continues as the uninterrupted run would (when the silos'
-        steps reach the relay in the same order: the middle trains on them in arrival order).
-        """
-        lr = float(self.learning_rate(server_round))
-        self.middle.set_learning_rate(lr)
-        self.middle.reset_optimizer()
-        torch.manual_seed(self.seed + 1000 * server_round)
-        return lr
-
-    def attach(self, messages: Iterable[Message], server_round: int) -> list[Message]:
-        """Copy ``messages`` with each silo's round control added to its ``config`` record."""
-        server = self._require()
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            config = dict(msg.content.config_records.get("config", ConfigRecord()))
-            config.update({
-                ADDRESS_KEY: self.public_address,
-                TOKEN_KEY: server.issue_token(silo=str(node), round=server_round),
-                SILO_KEY: str(node),
-            })
-            if self.ca_pem:
-                config[CA_KEY] = self.ca_pem
-            content = RecordDict({k: v for k, v in msg.content.items() if k != "config"})
-            content["config"] = ConfigRecord(config)
-            out.append(Message(content=content, message_type=msg.metadata.message_type,
-                               dst_node_id=node))
-        return out
-
-    def end_phase(self, server_round: int) -> int:
-        """Revoke the tokens of ``server_round``: streams still open fail on their next message."""
-        return self.server.revoke_round(server_round) if self.server is not None else 0
-
-    def _counters(self) -> dict[str, float]:
-        st = self.server.stats() if self.server else {}
-        return {k: float(st.get(k, 0)) for k in ("groups", "silo_steps", "tokens",
-                                                 "eval_forwards", "compute_seconds",
-                                                 "rejected_auth", "rejected_frames")}
-
-    def round_metrics(self) -> dict[str, float]:
-        """Relay counters since the previous call (``relay_*``) and the middle's state."""
-        now = self._counters()
-        out = {f"relay_{k}": now[k] - self._last.get(k, 0.0) for k in now}
-        self._last = now
-        if self.server is not None:
-            st = self.server.stats()
-            out["relay_max_group_size"] = float(st.get("max_group_size", 0))
-            out["relay_drops"] = float(len(st.get("drops", [])))
-        out["middle_learning_rate"] = float(self.middle.optimizer.param_groups[0]["lr"])
-        return out
-
-
-def relay_traffic(replies: Iterable[Message], server_round: int) -> dict[str, float]:
-    """Relay bytes the silos report for ``server_round`` (serialized relay messages)."""
-    up = down = 0.0
-    for msg in replies:
-        if msg.has_error():
-            continue
-        rec = msg.content.metric_records.get("metrics")
-        if rec is None or int(rec.get("server-round", -1)) != server_round:
-            continue
-        up += float(rec.get(RELAY_UP_KEY, 0.0))
-        down += float(rec.get(RELAY_DOWN_KEY, 0.0))
-    return {"relay_bytes_up": up, "relay_bytes_down": down}
 
 
 class RelayRounds:

@@ -3,7 +3,7 @@
 import stat
 
 from fedshield_flwr.cli import main
-from fedshield_flwr.crypto import ServerKeyset, SiloKeyset
+from fedshield_flwr.shield import ServerKeyset, SiloKeyset
 
 
 def test_keys_init_writes_a_silo_and_a_public_server_keyset(tmp_path, capsys):

@@ -35,10 +35,42 @@ def test_invalid_values_name_the_key(key, value, fragment):
         RunConfig.from_flat(default_flat_config() | {key: value})
 
 
-def test_unknown_sections_are_kept_for_modes():
-    cfg = RunConfig.from_flat(default_flat_config() | {"newmode.knob": 0.75})
-    assert cfg.section("newmode") == {"knob": 0.75}
+@pytest.mark.parametrize("key,nearest", [
+    ("shield.prune-ration", "shield.prune-ratio"),
+    ("lpp.quant-typ", "lpp.quant-type"),
+    ("split.head", "split.head-layers"),
+    ("train.max-step", "train.max-steps"),
+    ("model.lora.rank", "model.lora.r"),
+    ("newmode.knob", None),
+])
+def test_every_section_refuses_an_unknown_key_naming_the_nearest(key, nearest):
+    with pytest.raises(ConfigError, match=f"unknown run config key '{key}'") as info:
+        RunConfig.from_flat(default_flat_config() | {key: 1})
+    if nearest:
+        assert f"did you mean '{nearest}'" in str(info.value)
+
+
+def test_mode_sections_are_validated_whichever_mode_runs():
+    with pytest.raises(ConfigError, match="shield.prune-ratio"):
+        RunConfig.from_flat(default_flat_config() | {"shield.prune-ratio": 1.5})
+    cfg = RunConfig.from_flat(default_flat_config())
     assert cfg.section("shield")["prune-ratio"] == 0.0
+
+
+def test_pyproject_states_exactly_the_code_defaults():
+    """Defaults live in the settings dataclasses; pyproject.toml repeats them for Flower."""
+    assert default_flat_config() == RunConfig.defaults()
+
+
+def test_every_mode_of_the_registry_resolves_its_parts():
+    from fedshield_flwr.modes import MODES
+
+    assert list(MODES) == ["fedavg", "shield", "lpp", "split"]
+    for mode in MODES.values():
+        assert mode.server_mode().__name__.endswith("Mode")
+        assert hasattr(mode.strategy_class(), "aggregate_train")
+        handlers = mode.handlers()
+        assert callable(handlers.train) and callable(handlers.evaluate)
 
 
 def test_node_config_partition_must_be_in_range():

@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedshield_flwr.config import LoraSettings
-from fedshield_flwr.localsim import LocalSimulationSuperLink
+from tests.harness.localsim import LocalSimulationSuperLink
 
 pytestmark = pytest.mark.slow
 

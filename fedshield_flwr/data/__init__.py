@@ -36,10 +36,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .load import ColumnMap, DataLoadError, load_instruction_dataset
-    from .partition import load_silo_data, partition_dataset, split_eval
-    from .silo_cache import SiloData, cached_silo_data
-    from .templates import IGNORE_INDEX, tokenize_example
+    from fedshield_flwr.data.load import ColumnMap, DataLoadError, load_instruction_dataset
+    from fedshield_flwr.data.partition import load_silo_data, partition_dataset, split_eval
+    from fedshield_flwr.data.silo_cache import SiloData, cached_silo_data
+    from fedshield_flwr.data.templates import IGNORE_INDEX, tokenize_example
 
 
 def __getattr__(name: str) -> Any:

@@ -42,7 +42,7 @@ def _from_source(name: str) -> datasets.Dataset:
         key = name.split(":", 1)[1]
         if key != "chatterbot-english":
             raise DataLoadError(f"unknown embedded data set '{key}'; known: chatterbot-english")
-        from .embedded import chatterbot_pairs
+        from fedshield_flwr.data.embedded import chatterbot_pairs
 
         return datasets.Dataset.from_list(chatterbot_pairs())
     path = Path(name).expanduser()

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import datasets
 
-from ..config import DataSettings, NodeSettings
-from .load import ColumnMap, DataLoadError, load_instruction_dataset
-from .silo_cache import SiloData
-from .templates import resolve_template, tokenize_example
+from fedshield_flwr.config import DataSettings, NodeSettings
+from fedshield_flwr.data.load import ColumnMap, DataLoadError, load_instruction_dataset
+from fedshield_flwr.data.silo_cache import SiloData
+from fedshield_flwr.data.templates import resolve_template, tokenize_example
 
 
 def partition_dataset(

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import DataSettings, NodeSettings
+from fedshield_flwr.config import DataSettings, NodeSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,13 @@
 """Models: loading (HF, embedded GGUF, tiny tests), LoRA, quantization, split partitioning."""
 
-from .load import ModelLoadError, cache_root, load_base_model, load_tokenizer, resolve_model_path
-from .lora import (
+from fedshield_flwr.models.load import (
+    ModelLoadError,
+    cache_root,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+from fedshield_flwr.models.lora import (
     AdapterMismatchError,
     apply_lora,
     check_adapter_state,

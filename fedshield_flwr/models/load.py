@@ -137,7 +137,7 @@ def resolve_model_path(name: str, cache_dir: str | os.PathLike | None = None) ->
         target.parent.mkdir(parents=True, exist_ok=True)
         return str(_build_atomically(target, lambda tmp: convert_gguf_to_safetensors(gguf, tmp)))
     if name.startswith("tiny:"):
-        from .tiny import TINY_ARCHITECTURES, save_tiny_model
+        from fedshield_flwr.models.tiny import TINY_ARCHITECTURES, save_tiny_model
 
         arch = name.split(":", 1)[1]
         if arch not in TINY_ARCHITECTURES:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import LoraSettings
+from fedshield_flwr.config import LoraSettings
 
 # Attention projections per model_type; GPT-2 uses fused Conv1D layers (fan_in_fan_out).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {

@@ -24,7 +24,7 @@ def build_tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ..data.embedded import chatterbot_pairs
+    from fedshield_flwr.data.embedded import chatterbot_pairs
 
     texts = [p["instruction"] + "\n" + p["response"] for p in chatterbot_pairs()]
     tok = Tokenizer(models.BPE(unk_token=None))

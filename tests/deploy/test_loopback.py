@@ -32,8 +32,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedshield_flwr.deploy import LoopbackDeployment, RunOutcome
-from fedshield_flwr.localsim import BIN, free_port
+from tests.harness.deploy import LoopbackDeployment, RunOutcome
+from tests.harness.localsim import BIN, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ class ModeSetup:
 
 def _check_shield(run: OneRound) -> None:
     """The ServerApp holds ciphertexts only; every silo decrypts and exports the same adapter."""
-    from fedshield_flwr.crypto import AggregateLog, ServerKeyset
+    from fedshield_flwr.shield import AggregateLog, ServerKeyset
 
     ckpt = run.checkpoint(1)
     assert list(ckpt) == ["aggregate-log"] and ckpt["aggregate-log"].dtype == np.uint8
@@ -135,8 +135,8 @@ def _check_split(run: OneRound) -> None:
 def _check_lpp(run: OneRound) -> None:
     """The quantized base went down once per site with round 1; the server kept fp32."""
     from fedshield_flwr.config import LppSettings
-    from fedshield_flwr.lpp import base_spec
-    from fedshield_flwr.models.quantize import load_or_build_package
+    from fedshield_flwr.lpp.package import load_or_build_package
+    from fedshield_flwr.lpp.silo import base_spec
 
     # the ServerApp built it (default lpp.* settings) in the shared test cache
     pkg = load_or_build_package("tiny:llama", base_spec(LppSettings()))

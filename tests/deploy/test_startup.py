@@ -173,10 +173,10 @@ def test_a_warm_clientapp_process_skips_datasets_and_bitsandbytes_and_still_trai
 def test_split_silo_and_server_runtimes_hide_bitsandbytes_before_building_the_model(
         monkeypatch):
     """split builds its own runtimes (head + tail on the silo, the middle on the server)."""
-    import client_app.split as silo_split
-    import server_app.modes  # noqa: F401  (defines ServerMode, then imports split_mode)
-    import server_app.split_mode as server_split
-    from fedshield_flwr.models.split import SplitSettings
+    import fedshield_flwr.split.silo as silo_split
+    import server_app.split as server_split
+    from fedshield_flwr.silo import clear_runtimes
+    from fedshield_flwr.split.settings import SplitSettings
 
     calls: list[str] = []
 
@@ -186,13 +186,13 @@ def test_split_silo_and_server_runtimes_hide_bitsandbytes_before_building_the_mo
 
     monkeypatch.setattr(silo_split, "skip_unused_bitsandbytes", spy)
     monkeypatch.setattr(server_split, "skip_unused_bitsandbytes", spy)
-    monkeypatch.setattr(silo_split, "_RUNTIMES", {})
-    from fedshield_flwr.models.quantize import package_to_arrays
+    clear_runtimes()
+    from fedshield_flwr.packages.format import package_to_arrays
 
     cfg = RunConfig.from_flat(tiny_run_config(**{"strategy.name": "split"}))
-    settings = SplitSettings.from_run_config(cfg)
+    settings = SplitSettings.from_config(cfg)
     _, _, parts = server_split.load_middle(cfg, settings)
     assert calls == ["split"]
-    silo_split.get_split_runtime(cfg, NodeSettings(0, 3), settings, parts.content_hash,
+    silo_split.split_runtime(cfg, NodeSettings(0, 3), settings, parts.content_hash,
                                  package_to_arrays(parts), "test")
     assert calls == ["split", "split"]

@@ -1,7 +1,7 @@
 """lpp over real Flower Messages: FedLPP's update rule, bad replies, one-time base delivery.
 
 The first tests drive :class:`strategies.lpp.LppStrategy` on a small adapter. The others run
-whole rounds in-process: the real ServerApp mode (:class:`server_app.lpp_mode.LppMode`) talks
+whole rounds in-process: the real ServerApp mode (:class:`server_app.lpp.LppMode`) talks
 through :class:`HandlerGrid` to the real ClientApp (``client_app.app``) of three silos with a
 tiny Llama, and every message that leaves the server is inspected.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedshield_flwr.models.adapter_quant import AdapterQuantSpec, prepare_global_adapter
+from fedshield_flwr.lpp.adapter import AdapterQuantSpec, prepare_global_adapter
 from strategies.lpp import LppStrategy
 from tests.helpers import context, reply, server_message, tiny_run_config
 
@@ -187,7 +187,7 @@ def lpp_config():
 
 def _run(cfg_flat, tmp_path, grid):
     from fedshield_flwr.config import RunConfig
-    from server_app.modes import build_mode
+    from server_app.app import build_mode
 
     cfg = RunConfig.from_flat(cfg_flat)
     mode = build_mode(cfg, tmp_path)
@@ -203,12 +203,13 @@ def _run(cfg_flat, tmp_path, grid):
 def test_lpp_rounds_send_no_full_precision_weight_and_the_base_once(
         flower_identity, lpp_config, tmp_path, monkeypatch):
     import client_app.lpp  # noqa: F401  (the silo side under test)
-    from fedshield_flwr import lpp as lpp_lib
+    from fedshield_flwr.lpp.package import package_from_arrays
+    from fedshield_flwr.lpp.quantize import assert_no_full_precision_weights
     from fedshield_flwr.models import load_base_model
-    from fedshield_flwr.models.quantize import assert_no_full_precision_weights, package_from_arrays
+    from fedshield_flwr.silo import clear_runtimes
 
     monkeypatch.setenv("FEDSHIELD_CACHE", str(tmp_path / "cache"))
-    lpp_lib._RUNTIMES.clear()
+    clear_runtimes()
     grid = HandlerGrid(lpp_config)
     mode, final, rows = _run(lpp_config, tmp_path / "run1", grid)
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -253,21 +254,16 @@ def test_lpp_rounds_send_no_full_precision_weight_and_the_base_once(
 def test_silo_without_the_base_says_so_and_refuses_a_tampered_one(
         flower_identity, lpp_config, tmp_path, monkeypatch):
     from client_app import app as client
-    from fedshield_flwr import lpp as lpp_lib
     from fedshield_flwr.config import RunConfig
+    from fedshield_flwr.lpp.adapter import adapter_to_arrays
+    from fedshield_flwr.lpp.quantize import BaseQuantSpec, build_quantized_package
     from fedshield_flwr.models import load_base_model, load_tokenizer
-    from fedshield_flwr.models.adapter_quant import adapter_to_arrays
-    from fedshield_flwr.models.quantize import (
-        BaseQuantSpec,
-        PackageError,
-        build_quantized_package,
-        package_to_arrays,
-    )
-    from fedshield_flwr.silo import initial_adapter
+    from fedshield_flwr.packages.format import PackageError, package_to_arrays
+    from fedshield_flwr.silo import clear_runtimes, initial_adapter
     from fedshield_flwr.wire import encode_arrays
 
     monkeypatch.setenv("FEDSHIELD_CACHE", str(tmp_path / "cache"))
-    lpp_lib._RUNTIMES.clear()
+    clear_runtimes()
     pkg = build_quantized_package(load_base_model("tiny:llama"), BaseQuantSpec(),
                                   load_tokenizer("tiny:llama"))
     ctx = context(lpp_config, {"partition-id": 1, "num-partitions": 3})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-from fedshield_flwr.crypto import (
+from fedshield_flwr.shield import (
     PruneSchedule,
     ServerKeyset,
     SiloState,

@@ -14,23 +14,23 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-import server_app.modes  # noqa: F401  (registers SplitMode; imported before split_mode)
 from client_app import split as silo_split
 from fedshield_flwr.config import ConfigError, RunConfig
-from fedshield_flwr.relay import RelayClient, RelayError
-from fedshield_flwr.train import cosine_lr
-from fedshield_flwr.wire import decode_arrays, encode_arrays
-from server_app.split_mode import SplitMode
-from strategies.fedavg import weighted_average
-from strategies.split import (
+from fedshield_flwr.split.protocol import (
     ADDRESS_KEY,
     CA_KEY,
     PARTS_HASH_KEY,
     PARTS_RECORD,
     SILO_KEY,
     TOKEN_KEY,
-    RelayControl,
 )
+from fedshield_flwr.split.relay import RelayClient, RelayError
+from fedshield_flwr.split.relay.control import RelayControl
+from fedshield_flwr.split.silo import SplitRoundError
+from fedshield_flwr.train import cosine_lr
+from fedshield_flwr.wire import decode_arrays, encode_arrays
+from server_app.split import SplitMode
+from strategies.fedavg import weighted_average
 from tests.helpers import context, reply, tiny_run_config
 
 NODES = (11, 12)
@@ -127,7 +127,7 @@ def test_a_token_works_only_for_its_silo_and_only_until_its_round_ends(mode, flo
 
 
 def test_an_expired_token_is_refused(mode, flower_identity):
-    from fedshield_flwr.models.split import SplitSettings
+    from fedshield_flwr.split.settings import SplitSettings
 
     relay = RelayControl(mode.middle, SplitSettings.from_section({"token-ttl-s": 0.3}),
                          lambda r: 1e-4)
@@ -222,7 +222,7 @@ def test_bad_reply_is_dropped_with_silo_and_round_named(mode, flower_identity):
 def test_silo_error_names_silo_round_and_remedy(mode, flower_identity):
     msgs = _sorted(mode.strategy.configure_train(4, ArrayRecord(), ConfigRecord({}), FakeGrid()))
     mode.strategy.relay.end_phase(4)  # the server gave up on the round
-    with pytest.raises(silo_split.SplitRoundError,
+    with pytest.raises(SplitRoundError,
                        match=r"silo 0 \(node 1\) in round 4.*revoked.*strategy.round-timeout"):
         silo_split.train(msgs[0], _silo_ctx(0))
     bare = Message(RecordDict({"arrays": ArrayRecord(),
@@ -316,9 +316,9 @@ def test_tls_relay_sends_its_ca_and_silos_connect_with_it(mode, tmp_path, flower
         "split.relay-ca-cert": str(tmp_path / "ca.pem"),
         "split.relay-server-cert": str(tmp_path / "ca.pem"),
         "split.relay-server-key": str(tmp_path / "key.pem")}))
-    from fedshield_flwr.models.split import SplitSettings
+    from fedshield_flwr.split.settings import SplitSettings
 
-    relay = RelayControl(mode.middle, SplitSettings.from_run_config(settings), lambda r: 1e-4)
+    relay = RelayControl(mode.middle, SplitSettings.from_config(settings), lambda r: 1e-4)
     relay.start()
     try:
         msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}),
@@ -338,7 +338,7 @@ def test_tls_relay_sends_its_ca_and_silos_connect_with_it(mode, tmp_path, flower
 
 
 def test_remote_relay_host_needs_a_reachable_bind(mode):
-    from fedshield_flwr.models.split import SplitSettings
+    from fedshield_flwr.split.settings import SplitSettings
 
     bad = SplitSettings.from_section({"relay-host": "coordinator.example",
                                       "relay-bind": "127.0.0.1"})
@@ -357,7 +357,7 @@ def test_shield_aggregation_keeps_head_tail_encrypted_and_a_silo_exports_the_mer
         tmp_path, flower_identity):
     from safetensors.numpy import load_file
 
-    from client_app.shield import GLOBAL_KEY
+    from fedshield_flwr.shield.silo import GLOBAL_KEY
 
     flat = _flat(**{"split.aggregation": "shield", "num-server-rounds": 1})
     m = SplitMode(RunConfig.from_flat(flat), tmp_path)
@@ -403,8 +403,8 @@ def test_shield_aggregation_keeps_head_tail_encrypted_and_a_silo_exports_the_mer
 
 
 def test_unknown_split_aggregation_is_refused():
-    from fedshield_flwr.models.split import SplitSettings
+    from fedshield_flwr.split.settings import SplitSettings
 
     with pytest.raises(ConfigError, match="split.aggregation"):
-        SplitSettings.from_run_config(RunConfig.from_flat(_flat(**{"split.aggregation": "mean"})))
+        SplitSettings.from_config(RunConfig.from_flat(_flat(**{"split.aggregation": "mean"})))
 

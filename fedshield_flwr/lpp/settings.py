@@ -1,0 +1,58 @@
+"""The ``lpp.*`` run config section: how the base and the global adapter are quantized for silos."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from fedshield_flwr.config import Section, check
+
+if TYPE_CHECKING:  # the specs' modules import torch; settings are read by every process
+    from fedshield_flwr.lpp.adapter import AdapterQuantSpec
+    from fedshield_flwr.lpp.quantize import BaseQuantSpec
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
+ADAPTER_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class LppSettings(Section):
+    """``lpp.*`` keys: how the base and the global adapter are quantized for silos."""
+
+    prefix: ClassVar[str] = "lpp"
+    quant_type: str = "nf4"  # base weights, embeddings and head: nf4 | fp4 | int8
+    base_blocksize: int = 32  # values per 4-bit block of the base
+    clip_search: bool = True  # per-block MSE-optimal clipping before 4-bit quantization
+    adapter_bits: int = 4  # bits per value of the global adapter sent to silos
+    adapter_blocksize: int = 64  # values per absmax block of the k-bit adapter
+    server_lr: float = 1.0  # fp_adapter += server_lr * (mean(silo adapters) - sent adapter)
+    eval_data: str = ""  # server's held-out set: file/dir/hub name; "" = simulated silos' splits
+    eval_partitions: int = 3  # with eval_data == "": how many simulated silos to rebuild
+    server_eval: bool = True  # measure the IP margin (full vs silo proxy) every round
+
+    def validate(self) -> None:
+        check(self.quant_type in QUANT_TYPES, "lpp.quant-type", self.quant_type,
+              f"one of {', '.join(QUANT_TYPES)}")
+        check(self.adapter_bits in ADAPTER_BITS, "lpp.adapter-bits", self.adapter_bits,
+              f"one of {ADAPTER_BITS}")
+        check(self.adapter_blocksize >= 1, "lpp.adapter-blocksize", self.adapter_blocksize,
+              ">= 1")
+        check(self.base_blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096),
+              "lpp.base-blocksize", self.base_blocksize, "a power of two in [32, 4096]")
+        check(self.server_lr > 0 and math.isfinite(self.server_lr), "lpp.server-lr",
+              self.server_lr, "finite and > 0")
+        check(self.eval_partitions >= 1, "lpp.eval-partitions", self.eval_partitions, ">= 1")
+
+    def base_spec(self) -> BaseQuantSpec:
+        """How the server quantizes the base package."""
+        from fedshield_flwr.lpp.quantize import BaseQuantSpec
+
+        return BaseQuantSpec(quant_type=self.quant_type, blocksize=self.base_blocksize,
+                             clip_search=self.clip_search)
+
+    def adapter_spec(self) -> AdapterQuantSpec:
+        """How the server quantizes the global adapter it sends to silos."""
+        from fedshield_flwr.lpp.adapter import AdapterQuantSpec
+
+        return AdapterQuantSpec(bits=self.adapter_bits, blocksize=self.adapter_blocksize)

@@ -1,0 +1,76 @@
+"""The silo side of ``shield``: catch up on the encrypted aggregates, encrypt the pruned update.
+
+What a silo keeps between messages lives in Flower's ``context.state`` (on the silo only, a
+``RecordDict``): the global adapter it has rebuilt, its round, and the error-feedback residual of
+what pruning held back. These steps are shared by ``shield`` and by ``split`` when it aggregates
+its silo-side adapters with ``shield``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from fedshield_flwr.shield.keys import SiloKeyset
+from fedshield_flwr.shield.protocol import NODE_KEY_FILE
+from fedshield_flwr.shield.provision import silo_keyset
+from fedshield_flwr.shield.rounds import SiloState, catch_up, encrypt_update, with_residual
+from fedshield_flwr.shield.settings import ShieldSettings
+from fedshield_flwr.wire import decode_arrays, encode_arrays
+
+STATE_KEY, GLOBAL_KEY = "shield.state", "shield.global"  # records of context.state
+
+
+def load_keyset(node_config: Mapping[str, Any], settings: ShieldSettings, tag: str) -> SiloKeyset:
+    """This silo's keyset: its ``shield-key`` file, or the run's simulated one (``tag``)."""
+    return silo_keyset(str(node_config.get(NODE_KEY_FILE, "")), settings.auto_keys, tag)
+
+
+def restore(store: RecordDict, initial: Mapping[str, np.ndarray]
+            ) -> tuple[OrderedDict[str, np.ndarray], SiloState]:
+    """The global adapter and shield state this silo kept (``initial`` and a fresh state first)."""
+    arrays = store.array_records
+    if STATE_KEY not in arrays:
+        return OrderedDict(initial), SiloState()
+    state = SiloState.from_arrays({k: v.numpy() for k, v in arrays[STATE_KEY].items()})
+    return OrderedDict(decode_arrays(arrays[GLOBAL_KEY], "silo state")), state
+
+
+def save(store: RecordDict, global_adapter: Mapping[str, np.ndarray], state: SiloState) -> None:
+    """Keep the global adapter and shield state for this silo's next message."""
+    store[STATE_KEY] = ArrayRecord(OrderedDict(
+        (k, Array(np.ascontiguousarray(v))) for k, v in state.to_arrays().items()))
+    store[GLOBAL_KEY] = encode_arrays(global_adapter)
+
+
+def caught_up(store: RecordDict, keyset: SiloKeyset, initial: Mapping[str, np.ndarray],
+              downlink: list[np.ndarray], silo: str
+              ) -> tuple[OrderedDict[str, np.ndarray], SiloState]:
+    """The global adapter after decrypting and applying ``downlink`` onto what ``store`` holds."""
+    global_adapter, state = restore(store, initial)
+    return catch_up(keyset, global_adapter, downlink, state, silo=silo)
+
+
+def training_start(global_adapter: Mapping[str, np.ndarray], state: SiloState,
+                   settings: ShieldSettings) -> OrderedDict[str, np.ndarray]:
+    """Where local training starts: the global adapter, plus this silo's unsent residual."""
+    if settings.local_residual:
+        return with_residual(global_adapter, state)
+    return OrderedDict(global_adapter)
+
+
+def encrypt_progress(keyset: SiloKeyset, start: Mapping[str, np.ndarray],
+                     local: Mapping[str, np.ndarray], *, server_round: int, silo: str,
+                     num_examples: int, settings: ShieldSettings, num_rounds: int,
+                     state: SiloState) -> tuple[bytes, SiloState]:
+    """The encrypted pruned payload of ``local - start`` (new progress only) and the new state."""
+    update = OrderedDict((k, local[k] - start[k]) for k in start)
+    workers = settings.workers if settings.workers > 0 else (os.cpu_count() or 1)
+    return encrypt_update(keyset, update, server_round=server_round, silo=silo,
+                          weight=num_examples * settings.weight_scale,
+                          schedule=settings.schedule(num_rounds), state=state, workers=workers)

@@ -1,0 +1,19 @@
+"""Server mode of ``fedavg``: the server holds the global adapter in plaintext."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedshield_flwr.config import RunConfig
+from fedshield_flwr.silo import initial_adapter
+from server_app.base import ServerMode
+from strategies.fedavg import LoraFedAvg
+
+
+class FedAvgMode(ServerMode):
+    """fedavg: every party derives the same seeded initial adapter; the server averages."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        super().__init__(cfg, run_dir)
+        self.template = initial_adapter(cfg)
+        self.strategy = LoraFedAvg(self.template, **cfg.strategy.flower_kwargs())

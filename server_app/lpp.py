@@ -1,0 +1,95 @@
+"""Server setup of ``lpp``: the full-precision base and adapter, the quantized package, IP margin.
+
+The server (the model owner) loads the full-precision base once, builds (or reads from its
+cache) the quantized package that silos receive, refuses to send it if any floating array in it
+could be a full-precision weight, and keeps the fp32 global adapter: the checkpoint and the
+exported PEFT adapter are full precision and never leave the server. Every round it measures
+the IP margin on its own held-out rows: eval loss of (full base + fp adapter), what the owner
+holds, against (quantized base + k-bit adapter), the best any silo can hold.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord
+
+from fedshield_flwr.config import RunConfig
+from fedshield_flwr.lpp.adapter import prepare_global_adapter
+from fedshield_flwr.lpp.margin import server_eval_rows
+from fedshield_flwr.lpp.package import load_or_build_package
+from fedshield_flwr.lpp.quantize import assert_no_full_precision_weights, package_nbytes
+from fedshield_flwr.lpp.rebuild import build_model_from_package
+from fedshield_flwr.lpp.settings import LppSettings
+from fedshield_flwr.models import (
+    apply_lora,
+    get_adapter_state,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_path,
+    set_adapter_state,
+)
+from fedshield_flwr.packages.format import package_to_arrays
+from fedshield_flwr.train import evaluate
+from fedshield_flwr.wire import decode_arrays
+from server_app.base import ServerMode
+from strategies.lpp import LppStrategy
+
+log = logging.getLogger("fedshield.server")
+
+
+class LppMode(ServerMode):
+    """lpp: silos get a quantized base and a k-bit adapter; the server keeps full precision."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        super().__init__(cfg, run_dir)
+        self.settings = s = LppSettings.from_config(cfg)
+        self.package = load_or_build_package(cfg.model.name, s.base_spec())
+        assert_no_full_precision_weights(self.package)
+        sizes = package_nbytes(self.package)
+        log.info("lpp: %s base package %s, %.1f MB on the wire (weights %.1f MB)",
+                 s.quant_type, self.package.content_hash[:12], sizes["total"] / 1e6,
+                 sizes["weights"] / 1e6)
+        path = resolve_model_path(cfg.model.name)
+        self.full = apply_lora(load_base_model(cfg.model.name, 0), cfg.model.lora,
+                               seed=cfg.train.seed, base_path=path)
+        self.template = get_adapter_state(self.full)
+        self.strategy = LppStrategy(
+            self.template, lambda: package_to_arrays(self.package), self.package.content_hash,
+            s.adapter_spec(), s.server_lr, **cfg.strategy.flower_kwargs())
+        self._proxy = None
+        self._rows: list[dict] | None = None
+        self._tokenizer = None
+        if s.server_eval:
+            self.server_evaluate = self.ip_margin
+
+    def ip_margin(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+        """Eval loss/perplexity of the server's model and of a silo's best proxy, same rows."""
+        cfg = self.cfg
+        if self._rows is None:
+            self._tokenizer = load_tokenizer(cfg.model.name)
+            self._rows = server_eval_rows(cfg, self.settings, self._tokenizer,
+                                          resolve_model_path(cfg.model.name))
+            self._proxy = apply_lora(build_model_from_package(self.package), cfg.model.lora,
+                                     seed=cfg.train.seed)
+        pad = int(self._tokenizer.pad_token_id)
+        fp = decode_arrays(arrays, f"global adapter of round {server_round}")
+        set_adapter_state(self.full, fp)
+        full = evaluate(self.full, self._rows, cfg.train.eval_batch_size, pad)
+        _, sent = prepare_global_adapter(fp, self.settings.adapter_spec())
+        set_adapter_state(self._proxy, sent)
+        proxy = evaluate(self._proxy, self._rows, cfg.train.eval_batch_size, pad)
+        log.info("[round %d] IP margin: server model loss %.4f, silo proxy %.4f (+%.4f nats, "
+                 "ppl x%.3f) on %d held-out rows", server_round, full.loss, proxy.loss,
+                 proxy.loss - full.loss, proxy.perplexity / full.perplexity, len(self._rows))
+        return {
+            "server_eval_loss": full.loss,
+            "server_eval_perplexity": full.perplexity,
+            "proxy_eval_loss": proxy.loss,
+            "proxy_eval_perplexity": proxy.perplexity,
+            "ip_loss_gap": proxy.loss - full.loss,
+            "ip_perplexity_ratio": proxy.perplexity / full.perplexity,
+            "server_eval_tokens": full.num_tokens,
+        }
