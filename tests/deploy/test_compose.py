@@ -17,6 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
+DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
 SITES = (1, 2, 3)
 COMPOSE = shutil.which("docker-compose")
 
@@ -121,10 +122,10 @@ def test_each_silo_authenticates_with_its_own_key_and_keeps_its_own_data_and_cac
 
 
 def _documented_run_config(marker: str) -> dict:
-    """The ``--run-config`` of the compose run in docker/DEPLOY.md that contains ``marker``."""
+    """The ``--run-config`` of the compose run in docs/deployment.md that contains ``marker``."""
     from flwr.common.config import parse_config_args
 
-    text = (DOCKER / "DEPLOY.md").read_text().replace("\\\n", " ")
+    text = DEPLOYMENT_DOC.read_text().replace("\\\n", " ")
     runs = re.findall(r'flwr run \. fedshield --stream --run-config "([^"]*)"', text)
     (run,) = [r for r in runs if marker in r and "/app/results" in r]
     return parse_config_args([run])
