@@ -244,7 +244,7 @@ def run_main(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from safetensors.numpy import load_file
 
-    from fedshield_flwr.config import LoraSettings, LppSettings
+    from fedshield_flwr.config import LoraSettings
     from fedshield_flwr.lpp.adapter import (
         SUPPORTED_BITS,
         AdapterQuantSpec,
@@ -260,7 +260,7 @@ def run_main(args: argparse.Namespace) -> dict[str, Any]:
         package_nbytes,
     )
     from fedshield_flwr.lpp.rebuild import build_model_from_package
-    from fedshield_flwr.lpp.silo import base_spec
+    from fedshield_flwr.lpp.settings import LppSettings
     from fedshield_flwr.models.load import cache_root, load_base_model, load_tokenizer
     from fedshield_flwr.models.lora import apply_lora, set_adapter_state
 
@@ -271,7 +271,7 @@ def run_main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     n_params = sum(p.numel() for p in fp_model.parameters())  # tied weights counted once
 
-    spec = base_spec(LppSettings())  # the product's defaults (blocksize, clipping)
+    spec = LppSettings().base_spec()  # the product's defaults (blocksize, clipping)
     sizes: dict[str, int] = {}
     pkg = None
     build_s = 0.0

@@ -14,7 +14,7 @@ from flwr.app import Context, Message
 
 from fedshield_flwr import protocol as p
 from fedshield_flwr.config import NodeSettings, RunConfig
-from fedshield_flwr.models import export_adapter
+from fedshield_flwr.models import export_adapter, public_model_name
 from fedshield_flwr.shield import protocol as sp
 from fedshield_flwr.shield import silo as shield_silo
 from fedshield_flwr.shield.settings import ShieldSettings
@@ -68,7 +68,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     export_dir = sp.export_target(msg, context.node_config, node.partition_id)
     if export_dir:
         export_adapter(export_dir, global_adapter, rt.model.config.model_type, cfg.model.lora,
-                       rt.model_path, {"fedshield-round": str(state.global_round)})
+                       public_model_name(cfg.model.name), {"fedshield-round": str(state.global_round)})
         log.info("silo %d exported the final adapter (round %d) to %s", node.partition_id,
                  state.global_round, export_dir)
     metrics = p.eval_metrics(result, server_round, **{

@@ -21,7 +21,7 @@ from flwr.app import Context, Message
 
 from fedshield_flwr import protocol as p
 from fedshield_flwr.config import NodeSettings, RunConfig
-from fedshield_flwr.models import export_adapter
+from fedshield_flwr.models import export_adapter, public_model_name
 from fedshield_flwr.packages.cache import has_cached_package
 from fedshield_flwr.packages.protocol import announced_hash, attached_package, query_reply
 from fedshield_flwr.shield import protocol as sp
@@ -66,12 +66,17 @@ def _setup(msg: Message, context: Context) -> SplitRound:
     return SplitRound(cfg, node, settings, server_round, who, ticket, rt, silo, time.time() - t0)
 
 
+def _with_global(msg: Message, r: SplitRound) -> SplitRound:
+    """fedavg aggregation: load the message's global head + tail adapter into the silo."""
+    r.silo.load_adapter_state(splp.read_global(msg, r.rt.initial, r.who))
+    return r
+
+
 def train(msg: Message, context: Context) -> Message:
     r = _setup(msg, context)
     if r.settings.aggregation == "shield":
         return _shield_train(msg, context, r)
-    r.silo.load_adapter_state(splp.read_global(msg, r.rt.initial, r.who))
-    metrics = train_through_relay(r)
+    metrics = train_through_relay(_with_global(msg, r))
     t0 = time.time()
     arrays = encode_arrays(r.silo.adapter_state())
     metrics.update({p.LOAD_S: r.load_s, p.SERIALIZE_S: time.time() - t0})
@@ -82,8 +87,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     r = _setup(msg, context)
     if r.settings.aggregation == "shield":
         return _shield_evaluate(msg, context, r)
-    r.silo.load_adapter_state(splp.read_global(msg, r.rt.initial, r.who))
-    metrics = evaluate_through_relay(r)
+    metrics = evaluate_through_relay(_with_global(msg, r))
     metrics[p.LOAD_S] = r.load_s
     return p.reply(msg, metrics)
 
@@ -139,7 +143,7 @@ def _export_merged(msg: Message, r: SplitRound, global_adapter, global_round: in
     except ValueError as exc:
         raise SplitRoundError(str(exc)) from exc
     export_adapter(export_dir, merge_adapter_states(global_adapter, middle),
-                   r.silo.layout.model_type, r.cfg.model.lora, r.rt.model_path,
+                   r.silo.layout.model_type, r.cfg.model.lora, public_model_name(r.rt.model_path),
                    {"fedshield-round": str(global_round), "fedshield-mode": "split"})
     log.info("silo %d exported the merged split adapter (round %d) to %s", r.node.partition_id,
              global_round, export_dir)

@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fedshield_flwr.config import RunConfig
-from fedshield_flwr.models import export_adapter, resolve_model_path
+from fedshield_flwr.models import export_adapter, public_model_name, resolve_model_path
 from fedshield_flwr.wire import decode_arrays, encode_arrays
 
 
@@ -54,4 +54,5 @@ class ServerMode:
         path = resolve_model_path(self.cfg.model.name)
         model_type = AutoConfig.from_pretrained(path).model_type
         state = decode_arrays(arrays, "final adapter")
-        return export_adapter(run_dir / "adapter", state, model_type, self.cfg.model.lora, path)
+        return export_adapter(run_dir / "adapter", state, model_type, self.cfg.model.lora,
+                              public_model_name(self.cfg.model.name))

@@ -30,7 +30,7 @@ from fedshield_flwr.models import (
     get_adapter_state,
     load_base_model,
     load_tokenizer,
-    resolve_model_path,
+    public_model_name,
 )
 from fedshield_flwr.packages.delivery import PackageDelivery
 from fedshield_flwr.packages.format import package_to_arrays
@@ -160,6 +160,6 @@ class SplitMode(ServerMode):
             log.warning("split: no round produced a silo-side adapter; nothing to export")
             return None
         merged = merge_adapter_states(silo, self.middle.adapter_state())
-        path = resolve_model_path(self.cfg.model.name)
         return export_adapter(run_dir / "adapter", merged, self.middle.layout.model_type,
-                              self.cfg.model.lora, path, {"fedshield-mode": "split"})
+                              self.cfg.model.lora, public_model_name(self.cfg.model.name),
+                              {"fedshield-mode": "split"})

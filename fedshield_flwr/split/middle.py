@@ -16,10 +16,7 @@ import numpy as np
 import torch
 
 from fedshield_flwr.config import LoraSettings
-from fedshield_flwr.models.lora import (
-    get_adapter_state,
-    set_adapter_state,
-)
+from fedshield_flwr.models.lora import get_adapter_state, set_adapter_state
 from fedshield_flwr.split.arch import (
     Arch,
     SplitError,

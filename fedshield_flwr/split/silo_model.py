@@ -27,10 +27,7 @@ import torch
 from torch import nn
 
 from fedshield_flwr.config import LoraSettings
-from fedshield_flwr.models.lora import (
-    get_adapter_state,
-    set_adapter_state,
-)
+from fedshield_flwr.models.lora import get_adapter_state, set_adapter_state
 from fedshield_flwr.split.arch import (
     Arch,
     SplitError,

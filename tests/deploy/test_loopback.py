@@ -134,12 +134,11 @@ def _check_split(run: OneRound) -> None:
 
 def _check_lpp(run: OneRound) -> None:
     """The quantized base went down once per site with round 1; the server kept fp32."""
-    from fedshield_flwr.config import LppSettings
     from fedshield_flwr.lpp.package import load_or_build_package
-    from fedshield_flwr.lpp.silo import base_spec
+    from fedshield_flwr.lpp.settings import LppSettings
 
     # the ServerApp built it (default lpp.* settings) in the shared test cache
-    pkg = load_or_build_package("tiny:llama", base_spec(LppSettings()))
+    pkg = load_or_build_package("tiny:llama", LppSettings().base_spec())
     r0, r1 = run.rounds()
     assert r0["bytes_down"] == 0  # no federated evaluation: round 1 is the first contact
     assert r1["bytes_down"] > SITES * pkg.nbytes  # each site received the package once

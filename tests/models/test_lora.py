@@ -93,3 +93,20 @@ def test_exported_adapter_loads_with_peft_from_pretrained(tmp_path, arch):
     loaded = PeftModel.from_pretrained(load_base_model(name), str(out))
     loaded.eval()
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("embedded:smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
+    ("/data/models/my-llama", "/data/models/my-llama"),
+])
+def test_exported_adapter_names_a_base_anyone_can_resolve_not_the_cache(tmp_path, name, expected):
+    import json
+
+    from fedshield_flwr.models import cache_root, public_model_name
+
+    out = export_adapter(tmp_path / "adapter", {}, "llama", LoraSettings(r=4),
+                         public_model_name(name))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == expected
+    assert str(cache_root()) not in json.dumps(config)

@@ -5,7 +5,9 @@
   ``.venv/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=.
   fedshield_flwr/split/relay/relay.proto`` from the repository root.
 * :mod:`.frames`: raw-bytes tensor encoding (fp32 / fp16 / int8 per-row absmax) and validation.
-* :mod:`.server`: :class:`RelayServer`, hosted by the ServerApp (tokens, TLS, client batching).
+* :mod:`.server`: :class:`RelayServer`, hosted by the ServerApp (streams, tokens, TLS);
+  :mod:`.scheduler`: client batching (one middle step for concurrent silos);
+  :mod:`.control`: the run's relay as the strategy drives it (lifecycle, per-round tickets).
 * :mod:`.client`: :class:`RelayClient`, a silo's :class:`~fedshield_flwr.split.silo_model.MiddleLink`.
 """
 
