@@ -31,12 +31,14 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# `fedshield run` is `flwr run --stream` with an honest exit status (flwr 1.41 exits 0 on a
+# failed run): non-zero, with the run's status and error on the last lines, unless completed.
 demo: $(STAMP)
 	@mkdir -p $(DEMO_HOME) results
 	@echo "FedShield-Flwr demo: 3 simulated silos, fedavg, SmolLM2-135M-Instruct, chatterbot Q/A"
 	FLWR_HOME=$(DEMO_HOME) FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=$(DEMO_PORT) \
 	FLWR_LOCAL_CONTROL_API_PORT=$(DEMO_CTRL) \
-	$(BIN)/flwr run . local --stream --federation-config "num-supernodes=3" \
+	$(BIN)/python -m fedshield_flwr.cli run . local --stream --federation-config "num-supernodes=3" \
 		--run-config "results.dir='$(CURDIR)/results' $(DEMO_ARGS)"; \
 	status=$$?; $(MAKE) --no-print-directory stop; \
 	test $$status -eq 0 && $(BIN)/python -m fedshield_flwr.cli summary results/latest; exit $$status

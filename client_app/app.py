@@ -10,8 +10,10 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedshield_flwr.logs import quiet_third_party
 from fedshield_flwr.modes import get_mode
 
+quiet_third_party()  # before the handlers import peft, bitsandbytes and transformers
 app = ClientApp()
 
 

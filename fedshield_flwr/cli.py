@@ -1,4 +1,4 @@
-"""``fedshield`` command line: run summaries, provisioning (keys, certs, nodes), export.
+"""``fedshield`` command line: runs, run summaries, provisioning (keys, certs, nodes), export.
 
 Each sub-command is a thin wrapper over a library function; ``fedshield <cmd> --help`` says more.
 """
@@ -59,7 +59,24 @@ def summary(args: argparse.Namespace) -> int:
     if adapter.exists():
         print(f"adapter (PEFT format): {adapter.resolve()}")
     print(f"metrics: {path.resolve()}  plot: {(run_dir / 'loss.png').resolve()}")
-    return 0
+    status = doc.get("status", "unknown (written before runs recorded their status)")
+    print(f"status: {status}")
+    if doc.get("error"):
+        print(f"error: {doc['error']}")  # last, where a reader looks first
+    return 1 if status == "failed" else 0
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("flwr_args", nargs=argparse.REMAINDER, metavar="APP [SUPERLINK] [OPTIONS]",
+                   help="what `flwr run` takes, e.g. . local --run-config \"num-server-rounds=5\"")
+
+
+@command("run", _run_args)
+def run(args: argparse.Namespace) -> int:
+    """`flwr run --stream` that exits non-zero, with the error last, when the run failed."""
+    from fedshield_flwr.outcome import run_and_check
+
+    return run_and_check(args.flwr_args or ["."])
 
 
 def _keys_args(p: argparse.ArgumentParser) -> None:

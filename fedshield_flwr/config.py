@@ -240,6 +240,22 @@ class StrategySettings(Section):
                     min_available_nodes=self.min_available_nodes)
 
 
+@dataclass(frozen=True)
+class TrackingSettings(Section):
+    """Where each round's metrics go besides ``results/`` (:mod:`fedshield_flwr.tracking`)."""
+
+    prefix: ClassVar[str] = "tracking"
+    backend: str = "none"  # none | tensorboard | mlflow
+    uri: str = ""  # tensorboard: a log root; mlflow: a tracking URI ("" = under the run's results)
+    experiment: str = "fedshield"  # the MLflow experiment
+
+    def validate(self) -> None:
+        check(self.backend in ("none", "tensorboard", "mlflow"), "tracking.backend",
+              self.backend, "use none, tensorboard or mlflow")
+        check(bool(self.experiment.strip()), "tracking.experiment", self.experiment,
+              "name an MLflow experiment")
+
+
 # Keys outside any section: (key, field of RunConfig, type, default).
 _TOP_LEVEL: tuple[tuple[str, str, type, Any], ...] = (
     ("num-server-rounds", "num_server_rounds", int, 3),
@@ -250,7 +266,7 @@ _TOP_LEVEL: tuple[tuple[str, str, type, Any], ...] = (
 # Keys a user may add on the command line that pyproject does not list.
 _OPTIONAL_KEYS: tuple[str, ...] = ("resume.run",)
 _CORE_SECTIONS: tuple[type[Section], ...] = (StrategySettings, ModelSettings, DataSettings,
-                                             TrainSettings)
+                                             TrainSettings, TrackingSettings)
 
 
 @dataclass(frozen=True)
@@ -260,6 +276,7 @@ class RunConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
     results_dir: str = "results"
     checkpoint_every: int = 1
     resume: bool = False
@@ -286,6 +303,7 @@ class RunConfig:
                for key, name, kind, default in _TOP_LEVEL}
         cfg = cls(strategy=StrategySettings.from_flat(flat), model=ModelSettings.from_flat(flat),
                   data=DataSettings.from_flat(flat), train=TrainSettings.from_flat(flat),
+                  tracking=TrackingSettings.from_flat(flat),
                   extra={k: v for k, v in flat.items() if k not in known or k in _OPTIONAL_KEYS},
                   **top)
         check(cfg.num_server_rounds >= 1, "num-server-rounds", cfg.num_server_rounds, ">= 1")

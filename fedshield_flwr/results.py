@@ -2,25 +2,32 @@
 
 Layout of ``<results.dir>/<run-id>/``::
 
-    metrics.json     {"config": {...resolved run config...}, "rounds": [{round, train_loss, ...}]}
+    metrics.json     {"config": {...resolved run config...}, "status": "running" | "completed" |
+                     "failed", "error": null | "<what failed, after which round>",
+                     "rounds": [{round, train_loss, ...}]}
     metrics.csv      the same rounds as a table
     loss.png         train and eval loss per round
     checkpoints/     round-0003.safetensors (+ latest.json): what the server needs to resume
     adapter/         the final adapter as a standard PEFT directory (when the server holds it)
 
 ``<results.dir>/latest`` is a symlink to the newest run. Files are rewritten after every round so a
-run killed mid-way leaves consistent results up to its last completed round.
+run killed mid-way leaves consistent results up to its last completed round. ``status`` is
+``running`` from creation (and again on resume), ``completed`` once the run has ended and
+exported, ``failed`` with ``error`` when the ServerApp raised (:func:`record_outcome`, which the
+ServerApp's ``main`` wears); a run killed from outside stays ``running``.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +41,15 @@ ROUND_FIELDS = (
 )
 
 
+RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
+
+
 class ResumeError(RuntimeError):
     pass
+
+
+# The results the current ServerApp call opened (create / resume), for record_outcome.
+_OPENED: ContextVar["RunResults | None"] = ContextVar("fedshield_opened_results", default=None)
 
 
 def _jsonable(value: Any) -> Any:
@@ -59,6 +73,8 @@ class RunResults:
         self.dir = run_dir
         self.config = dict(config)
         self.rounds: list[dict] = rounds or []
+        self.status = RUNNING
+        self.error: str | None = None
         (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ creation / resume
@@ -70,6 +86,7 @@ class RunResults:
         res = cls(run_dir, config)
         res._point_latest()
         res.write_metrics()
+        _OPENED.set(res)
         return res
 
     @classmethod
@@ -85,6 +102,8 @@ class RunResults:
         meta = json.loads((run_dir / "metrics.json").read_text())
         res = cls(run_dir, meta.get("config", {}), meta.get("rounds", []))
         res._point_latest()
+        res.write_metrics()  # running again: an earlier failure no longer describes the run
+        _OPENED.set(res)
         return res
 
     def _point_latest(self) -> None:
@@ -103,8 +122,36 @@ class RunResults:
         self.rounds.sort(key=lambda r: int(r["round"]))
         self.write_metrics()
 
+    @property
+    def last_round(self) -> int | None:
+        """The last completed round (0 = the initial evaluation), ``None`` before any."""
+        return max((int(r["round"]) for r in self.rounds), default=None)
+
+    def complete(self) -> None:
+        """The run ended and exported its results."""
+        self.status, self.error = COMPLETED, None
+        self.write_metrics()
+
+    def fail(self, exc: BaseException) -> str:
+        """Record that the run failed with ``exc``; returns the error as written to metrics.json.
+
+        The error names the round reached (the last one completed) so that a reader of
+        metrics.json, or of the log line built from it, knows how far the run got.
+        """
+        done = self.last_round
+        where = "before completing any round" if done is None else f"after round {done}"
+        self.status = FAILED
+        self.error = f"server: run {self.dir.name} failed {where}: {type(exc).__name__}: {exc}"
+        try:
+            self.write_metrics()
+        except Exception as write_exc:  # never hide the run's own error behind this one
+            log.warning("could not record the failure in %s (%s)", self.dir / "metrics.json",
+                        write_exc)
+        return self.error
+
     def write_metrics(self) -> None:
-        doc = {"config": _jsonable(self.config), "rounds": self.rounds}
+        doc = {"config": _jsonable(self.config), "status": self.status, "error": self.error,
+               "rounds": self.rounds}
         tmp = self.dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(doc, indent=2))
         os.replace(tmp, self.dir / "metrics.json")
@@ -170,3 +217,36 @@ class RunResults:
             arrays = {k: fh.get_tensor(k) for k in fh.keys()}
             meta = json.loads((fh.metadata() or {}).get("fedshield", "{}"))
         return int(info["round"]), arrays, meta
+
+
+def record_outcome(main: Callable[..., None]) -> Callable[..., None]:
+    """Wrap the ServerApp's ``main`` so that its run's metrics.json says how the run ended.
+
+    ``completed`` when ``main`` returns; ``failed`` with the error and the round reached when it
+    raises, logged as the run's last line, then re-raised so that Flower marks the run failed
+    (``flwr ls``: ``finished:failed``). The results are the ones ``main`` opened with
+    :meth:`RunResults.create` or :meth:`RunResults.resume`; an error before that (a bad run
+    config) has no results directory to go to and is only logged.
+    """
+
+    @functools.wraps(main)
+    def run(*args: Any, **kwargs: Any) -> None:
+        token = _OPENED.set(None)
+        try:
+            main(*args, **kwargs)
+        except Exception as exc:
+            results = _OPENED.get()
+            if results is None:
+                log.error("server: run failed before its results directory was created: %s: %s",
+                          type(exc).__name__, exc)
+            else:
+                log.error("%s (recorded in %s)", results.fail(exc), results.dir / "metrics.json")
+            raise
+        else:
+            results = _OPENED.get()
+            if results is not None:
+                results.complete()
+        finally:
+            _OPENED.reset(token)
+
+    return run

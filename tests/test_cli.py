@@ -35,3 +35,15 @@ def test_summary_prints_the_round_table(tmp_path, capsys):
     assert main(["summary", str(tmp_path / "latest")]) == 0
     out = capsys.readouterr().out
     assert "2.0000 -> 1.5000" in out and "-25.0%" in out
+
+
+def test_summary_of_a_failed_run_prints_the_status_and_the_error_last(tmp_path, capsys):
+    from fedshield_flwr.results import RunResults
+
+    res = RunResults.create(tmp_path, "run-2", {"strategy.name": "split", "model.name": "m"})
+    res.fail(ValueError("split.head-layers=99 do not fit; lower them"))
+    assert main(["summary", str(tmp_path / "latest")]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == "status: failed"
+    assert lines[-1] == ("error: server: run run-2 failed before completing any round: "
+                         "ValueError: split.head-layers=99 do not fit; lower them")

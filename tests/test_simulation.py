@@ -162,3 +162,18 @@ def test_lpp_simulation_delivers_the_base_once_and_tracks_the_ip_margin(superlin
     # the server exports the full-precision adapter for the full base (it never leaves it)
     model = PeftModel.from_pretrained(load_base_model("tiny:llama"), str(run / "adapter"))
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+def test_a_failed_run_exits_non_zero_with_the_error_last_and_says_failed_in_metrics_json(
+        superlink, tmp_path):
+    """`fedshield run` (what `make demo` runs): flwr 1.41's own `flwr run` exits 0 here."""
+    out = superlink.flwr_run(f"{TINY} strategy.name='split' split.head-layers=99 "
+                             f"results.dir='{tmp_path}'", checked=True)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()
+    assert "finished:failed" in last[-2]
+    assert "failed before completing any round: SplitError: split.head-layers=99" in last[-1]
+    assert "lower them" in last[-1]
+    doc = json.loads(((tmp_path / "latest").resolve() / "metrics.json").read_text())
+    assert doc["status"] == "failed" and doc["rounds"] == []
+    assert doc["error"] in last[-1]

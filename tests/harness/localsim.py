@@ -86,11 +86,17 @@ class LocalSimulationSuperLink:
             time.sleep(0.3)
         raise RuntimeError("superlink did not become healthy in 60 s")
 
-    def flwr_run(self, run_config: str, num_supernodes: int = 2,
-                 timeout: float = 600) -> subprocess.CompletedProcess:
-        cmd = [str(BIN / "flwr"), "run", ".", "local", "--stream",
-               "--federation-config", f"num-supernodes={num_supernodes}",
-               "--run-config", run_config]
+    def flwr_run(self, run_config: str, num_supernodes: int = 2, timeout: float = 600,
+                 checked: bool = False) -> subprocess.CompletedProcess:
+        """``flwr run . local --stream`` of this app.
+
+        ``checked=True`` runs it through ``fedshield run``, whose exit status says whether the run
+        completed (that of flwr 1.41's ``flwr run`` is 0 either way).
+        """
+        flwr_args = [".", "local", "--stream", "--federation-config",
+                     f"num-supernodes={num_supernodes}", "--run-config", run_config]
+        cmd = ([sys.executable, "-m", "fedshield_flwr.cli", "run"] if checked
+               else [str(BIN / "flwr"), "run"]) + flwr_args
         return subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True,
                               timeout=timeout)
 
