@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
-# `fedshield run` is `flwr run --stream` with an honest exit status (flwr 1.41 exits 0 on a
+# `fedshield run` is `flwr run --stream` with an honest exit status (flwr 1.42 exits 0 on a
 # failed run): non-zero, with the run's status and error on the last lines, unless completed.
 demo: $(STAMP)
 	@mkdir -p $(DEMO_HOME) results

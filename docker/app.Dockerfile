@@ -1,6 +1,6 @@
 # FedShield-Flwr app image: Flower's official SuperExec image plus this project's dependencies.
 #
-# Flower 1.41 runs every ServerApp and ClientApp as a short-lived `flwr-serverapp` /
+# Flower 1.42 runs every ServerApp and ClientApp as a short-lived `flwr-serverapp` /
 # `flwr-clientapp` process started by a long-running `flower-superexec`; the older flwr/serverapp
 # and flwr/clientapp images (long-running app processes) no longer fit that model, so both sides
 # use flwr/superexec. The coordinator runs it next to the SuperLink (the ServerApp), every silo
@@ -12,7 +12,7 @@
 #
 # Only the project's *dependencies* are installed: the code itself arrives with every run as the
 # Flower App Bundle (FAB) built by `flwr run`, so an image never shadows a newer app version.
-ARG FLWR_VERSION=1.41.0
+ARG FLWR_VERSION=1.42.0
 ARG BASE_SUFFIX=-py3.12-ubuntu24.04
 FROM flwr/superexec:${FLWR_VERSION}${BASE_SUFFIX}
 

@@ -1,6 +1,6 @@
 """``flwr run`` with an exit status that says how the run ended (``fedshield run``).
 
-flwr 1.41's ``flwr run --stream`` exits 0 once the run's log stream ends, whether the ServerApp
+flwr 1.42's ``flwr run --stream`` exits 0 once the run's log stream ends, whether the ServerApp
 completed or raised: it streams the logs and never looks at the run's status. The SuperLink knows
 (``flwr ls --run-id N``: ``finished:completed``, ``finished:failed`` with the exception,
 ``finished:stopped``). :func:`run_and_check` runs ``flwr run --stream``, passes its output through,

@@ -14,7 +14,7 @@ What is written, and who keeps it
     DIR/site-1        SuperNode private key (OpenSSH ECDSA P-384): stays on that site
     DIR/site-1.pub    its public key: the coordinator registers it with `flwr supernode register`
 
-The formats are the ones Flower 1.41 reads: ``flower-superlink --ssl-ca-certfile/--ssl-certfile/
+The formats are the ones Flower 1.42 reads: ``flower-superlink --ssl-ca-certfile/--ssl-certfile/
 --ssl-keyfile`` take PEM files; ``flower-supernode --auth-supernode-private-key`` takes an OpenSSH
 private key (``load_ssh_private_key``) and ``flwr supernode register`` an OpenSSH public key of a
 NIST curve (``load_ssh_public_key``), exactly what ``ssh-keygen -t ecdsa -b 384`` writes.

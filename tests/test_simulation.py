@@ -166,7 +166,7 @@ def test_lpp_simulation_delivers_the_base_once_and_tracks_the_ip_margin(superlin
 
 def test_a_failed_run_exits_non_zero_with_the_error_last_and_says_failed_in_metrics_json(
         superlink, tmp_path):
-    """`fedshield run` (what `make demo` runs): flwr 1.41's own `flwr run` exits 0 here."""
+    """`fedshield run` (what `make demo` runs): flwr 1.42's own `flwr run` exits 0 here."""
     out = superlink.flwr_run(f"{TINY} strategy.name='split' split.head-layers=99 "
                              f"results.dir='{tmp_path}'", checked=True)
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]

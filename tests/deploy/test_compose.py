@@ -182,7 +182,7 @@ def test_gpu_override_gives_silos_the_cuda_image_and_a_gpu():
 def test_dockerfiles_build_from_official_flower_images_with_pinned_cpu_torch():
     app = (DOCKER / "app.Dockerfile").read_text()
     assert re.search(r"^FROM flwr/superexec:\$\{FLWR_VERSION\}", app, re.M)
-    assert "ARG FLWR_VERSION=1.41.0" in app and "ARG TORCH_VERSION=2.13.0" in app
+    assert "ARG FLWR_VERSION=1.42.0" in app and "ARG TORCH_VERSION=2.13.0" in app
     assert "ARG TORCH_VARIANT=cpu" in app
     assert "https://download.pytorch.org/whl/${TORCH_VARIANT}" in app
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in app

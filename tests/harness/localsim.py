@@ -91,7 +91,7 @@ class LocalSimulationSuperLink:
         """``flwr run . local --stream`` of this app.
 
         ``checked=True`` runs it through ``fedshield run``, whose exit status says whether the run
-        completed (that of flwr 1.41's ``flwr run`` is 0 either way).
+        completed (that of flwr 1.42's ``flwr run`` is 0 either way).
         """
         flwr_args = [".", "local", "--stream", "--federation-config",
                      f"num-supernodes={num_supernodes}", "--run-config", run_config]
