@@ -9,7 +9,8 @@ from flwr.app import Context, Message
 
 from fedshield_flwr import protocol as p
 from fedshield_flwr.config import NodeSettings, RunConfig
-from fedshield_flwr.silo import evaluate_round, get_runtime, train_round
+from fedshield_flwr.generation import GenerationResult
+from fedshield_flwr.silo import evaluate_round, generate_round, get_runtime, train_round
 from fedshield_flwr.wire import decode_adapter, encode_arrays
 
 log = logging.getLogger("fedshield.silo")
@@ -50,11 +51,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, server_round, rt, adapter, load_s, _ = _setup(msg, context)
     t0 = time.time()
     result = evaluate_round(rt, cfg, node, adapter)
-    return evaluate_reply(msg, result, server_round, load_s, time.time() - t0)
+    generated = generate_round(rt, cfg, node, f"round {server_round}")
+    return evaluate_reply(msg, result, server_round, load_s, time.time() - t0, generated)
 
 
 def evaluate_reply(msg: Message, result, server_round: int, load_s: float,
-                   eval_s: float) -> Message:
-    """The reply every plaintext-adapter silo sends after evaluating (``EvalResult`` + timings)."""
-    return p.reply(msg, p.eval_metrics(result, server_round, **{p.LOAD_S: load_s,
-                                                                 p.EVAL_S: eval_s}))
+                   eval_s: float, generated: GenerationResult | None = None) -> Message:
+    """The reply every plaintext-adapter silo sends after evaluating (``EvalResult`` + timings,
+    with ``eval.generate`` the ``GenerationResult``)."""
+    return p.reply(msg, p.eval_metrics(result, server_round, generated,
+                                       **{p.LOAD_S: load_s, p.EVAL_S: eval_s}))

@@ -21,7 +21,7 @@ from fedshield_flwr.lpp.package import LPP_KIND
 from fedshield_flwr.lpp.silo import checked_adapter, silo_runtime
 from fedshield_flwr.packages.cache import has_cached_package
 from fedshield_flwr.packages.protocol import announced_hash, query_reply
-from fedshield_flwr.silo import evaluate_round, train_round
+from fedshield_flwr.silo import evaluate_round, generate_round, train_round
 
 log = logging.getLogger("fedshield.silo")
 
@@ -61,4 +61,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, server_round, rt, adapter, load_s, _, _ = _setup(msg, context)
     t0 = time.time()
     result = evaluate_round(rt, cfg, node, adapter)
-    return evaluate_reply(msg, result, server_round, load_s, time.time() - t0)
+    generated = generate_round(rt, cfg, node, f"round {server_round}")
+    return evaluate_reply(msg, result, server_round, load_s, time.time() - t0, generated)

@@ -18,7 +18,7 @@ from fedshield_flwr.models import export_adapter, public_model_name
 from fedshield_flwr.shield import protocol as sp
 from fedshield_flwr.shield import silo as shield_silo
 from fedshield_flwr.shield.settings import ShieldSettings
-from fedshield_flwr.silo import evaluate_round, get_runtime, train_round
+from fedshield_flwr.silo import evaluate_round, generate_round, get_runtime, train_round
 
 log = logging.getLogger("fedshield.silo")
 
@@ -64,6 +64,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     shield_silo.save(context.state, global_adapter, state)
     t0 = time.time()
     result = evaluate_round(rt, cfg, node, global_adapter)
+    generated = generate_round(rt, cfg, node, f"round {server_round}")
     eval_s = time.time() - t0
     export_dir = sp.export_target(msg, context.node_config, node.partition_id)
     if export_dir:
@@ -71,7 +72,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                        public_model_name(cfg.model.name), {"fedshield-round": str(state.global_round)})
         log.info("silo %d exported the final adapter (round %d) to %s", node.partition_id,
                  state.global_round, export_dir)
-    metrics = p.eval_metrics(result, server_round, **{
+    metrics = p.eval_metrics(result, server_round, generated, **{
         sp.GLOBAL_ROUND: state.global_round, p.LOAD_S: load_s, p.EVAL_S: eval_s,
         p.SERIALIZE_S: decrypt_s})
     return p.reply(msg, metrics)

@@ -213,6 +213,10 @@ class TrainSettings(Section):
               "needs 0 <= learning-rate-min <= learning-rate-max")
 
 
+# strategy.optimizer: Flower's server optimizers (strategies/optimizers.py maps them to classes)
+SERVER_OPTIMIZERS: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
 @dataclass(frozen=True)
 class StrategySettings(Section):
     prefix: ClassVar[str] = "strategy"
@@ -223,6 +227,14 @@ class StrategySettings(Section):
     min_evaluate_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 3600.0
+    # Server optimizer (strategies/optimizers.py, Flower's classes): names and defaults of their
+    # constructors; server-learning-rate 0 = the chosen class's own default.
+    optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi | fedadagrad
+    server_learning_rate: float = 0.0
+    server_momentum: float = 0.0
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
 
     def validate(self) -> None:
         from fedshield_flwr.modes import MODES  # the registry imports this module
@@ -231,6 +243,21 @@ class StrategySettings(Section):
               f"choose one of {', '.join(MODES)}")
         check(0.0 <= self.fraction_train <= 1.0, "strategy.fraction-train",
               self.fraction_train, "in [0, 1]")
+        check(self.optimizer in SERVER_OPTIMIZERS, "strategy.optimizer", self.optimizer,
+              f"choose one of {', '.join(SERVER_OPTIMIZERS)}")
+        why = {"shield": "the server sees only ciphertexts, so the optimizer must be applied "
+                         "on the silos, which is not done yet",
+               "split": "split's server optimizer is not wired yet (silo parts are averaged "
+                        "by plain FedAvg)"}
+        check(self.optimizer == "fedavg" or self.name not in why, "strategy.optimizer",
+              self.optimizer, f"strategy.name={self.name} supports only fedavg: "
+              f"{why.get(self.name, '')}")
+        check(self.server_learning_rate >= 0, "strategy.server-learning-rate",
+              self.server_learning_rate, ">= 0 (0 = the Flower class's default)")
+        check(self.server_momentum >= 0, "strategy.server-momentum", self.server_momentum, ">= 0")
+        check(0.0 <= self.beta_1 < 1.0, "strategy.beta-1", self.beta_1, "in [0, 1)")
+        check(0.0 <= self.beta_2 < 1.0, "strategy.beta-2", self.beta_2, "in [0, 1)")
+        check(self.tau > 0, "strategy.tau", self.tau, "> 0")
 
     def flower_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``flwr.serverapp.strategy.FedAvg`` these settings give."""
@@ -256,6 +283,20 @@ class TrackingSettings(Section):
               "name an MLflow experiment")
 
 
+@dataclass(frozen=True)
+class EvalSettings(Section):
+    """Generation metrics of the silos' evaluation (:mod:`fedshield_flwr.generation`)."""
+
+    prefix: ClassVar[str] = "eval"
+    generate: bool = False  # greedy answers to held-out prompts: exact match and ROUGE-L
+    max_new_tokens: int = 48
+    max_examples: int = 16  # held-out prompts answered per silo and evaluation
+
+    def validate(self) -> None:
+        check(self.max_new_tokens > 0, "eval.max-new-tokens", self.max_new_tokens, "> 0")
+        check(self.max_examples > 0, "eval.max-examples", self.max_examples, "> 0")
+
+
 # Keys outside any section: (key, field of RunConfig, type, default).
 _TOP_LEVEL: tuple[tuple[str, str, type, Any], ...] = (
     ("num-server-rounds", "num_server_rounds", int, 3),
@@ -266,7 +307,7 @@ _TOP_LEVEL: tuple[tuple[str, str, type, Any], ...] = (
 # Keys a user may add on the command line that pyproject does not list.
 _OPTIONAL_KEYS: tuple[str, ...] = ("resume.run",)
 _CORE_SECTIONS: tuple[type[Section], ...] = (StrategySettings, ModelSettings, DataSettings,
-                                             TrainSettings, TrackingSettings)
+                                             TrainSettings, TrackingSettings, EvalSettings)
 
 
 @dataclass(frozen=True)
@@ -277,6 +318,7 @@ class RunConfig:
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     results_dir: str = "results"
     checkpoint_every: int = 1
     resume: bool = False
@@ -303,11 +345,15 @@ class RunConfig:
                for key, name, kind, default in _TOP_LEVEL}
         cfg = cls(strategy=StrategySettings.from_flat(flat), model=ModelSettings.from_flat(flat),
                   data=DataSettings.from_flat(flat), train=TrainSettings.from_flat(flat),
-                  tracking=TrackingSettings.from_flat(flat),
+                  tracking=TrackingSettings.from_flat(flat), eval=EvalSettings.from_flat(flat),
                   extra={k: v for k, v in flat.items() if k not in known or k in _OPTIONAL_KEYS},
                   **top)
         check(cfg.num_server_rounds >= 1, "num-server-rounds", cfg.num_server_rounds, ">= 1")
         check(cfg.checkpoint_every >= 1, "checkpoint.every", cfg.checkpoint_every, ">= 1")
+        check(not (cfg.eval.generate and cfg.strategy.name == "split"), "eval.generate",
+              cfg.eval.generate, "strategy.name=split does not support it: a split silo holds "
+              "only the head and tail blocks and generation through the relay is not wired yet; "
+              "set eval.generate=false")
         return cfg
 
     @staticmethod

@@ -10,9 +10,12 @@ strategies and the ClientApp handlers import.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+if TYPE_CHECKING:  # torch: not for the server's import of this module
+    from fedshield_flwr.generation import GenerationResult
 
 CONFIG = "config"  # ConfigRecord of every server message
 METRICS = "metrics"  # MetricRecord of every reply
@@ -22,6 +25,10 @@ ROUND = "server-round"  # in CONFIG of every message and in METRICS of every rep
 NUM_EXAMPLES = "num-examples"  # FedAvg weight of a train reply
 NUM_TOKENS = "num-tokens"  # weight of an evaluate reply's loss
 TRAIN_LOSS, EVAL_LOSS, EVAL_PERPLEXITY = "train_loss", "eval_loss", "eval_perplexity"
+# eval.generate: greedy answers to held-out prompts, weighted by NUM_GENERATED on the server
+EVAL_EXACT_MATCH, EVAL_ROUGE_L = "eval_exact_match", "eval_rouge_l"
+NUM_GENERATED = "num-generated"
+GENERATION_KEYS = (EVAL_EXACT_MATCH, EVAL_ROUGE_L)
 LOAD_S, TRAIN_S, SERIALIZE_S, EVAL_S = ("load-seconds", "train-seconds", "serialize-seconds",
                                         "eval-seconds")
 TIMING_KEYS = (LOAD_S, TRAIN_S, SERIALIZE_S, EVAL_S)
@@ -73,11 +80,18 @@ def train_metrics(result, server_round: int, **extra: float) -> dict[str, Any]:
             TRAIN_S: result.seconds, **extra}
 
 
-def eval_metrics(result, server_round: int, **extra: float) -> dict[str, Any]:
-    """The metrics every evaluate reply carries (``result`` is a ``train.EvalResult``)."""
+def eval_metrics(result, server_round: int, generated: GenerationResult | None = None,
+                 **extra: float) -> dict[str, Any]:
+    """The metrics every evaluate reply carries (``result`` is a ``train.EvalResult``).
+
+    ``generated`` (with ``eval.generate``) adds exact match, ROUGE-L and the number of answers.
+    """
+    gen = {} if generated is None else {
+        EVAL_EXACT_MATCH: generated.exact_match, EVAL_ROUGE_L: generated.rouge_l,
+        NUM_GENERATED: generated.num_generated}
     return {EVAL_LOSS: result.loss, EVAL_PERPLEXITY: result.perplexity,
             NUM_TOKENS: result.num_tokens, NUM_EXAMPLES: result.num_examples,
-            ROUND: server_round, **extra}
+            ROUND: server_round, **gen, **extra}
 
 
 def reply(msg: Message, metrics: Mapping[str, Any], **records: ArrayRecord) -> Message:

@@ -6,7 +6,7 @@ Layout of ``<results.dir>/<run-id>/``::
                      "failed", "error": null | "<what failed, after which round>",
                      "rounds": [{round, train_loss, ...}]}
     metrics.csv      the same rounds as a table
-    loss.png         train and eval loss per round
+    loss.png         train and eval loss per round; below, ROUGE-L and exact match (eval.generate)
     checkpoints/     round-0003.safetensors (+ latest.json): what the server needs to resume
     adapter/         the final adapter as a standard PEFT directory (when the server holds it)
 
@@ -171,20 +171,33 @@ class RunResults:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        series = {
+        def draw(ax, series: Mapping[str, str]) -> None:
+            for label, key in series.items():
+                pts = [(r["round"], r[key]) for r in self.rounds if r.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=label)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend()
+
+        generated = any(r.get("eval_rouge_l") is not None for r in self.rounds)
+        if generated:  # a second panel: scores in [0, 1] do not share the loss axis
+            fig, (ax, gen_ax) = plt.subplots(2, 1, figsize=(6, 6), sharex=True,
+                                             height_ratios=(3, 2))
+        else:
+            fig, ax = plt.subplots(figsize=(6, 4))
+        draw(ax, {
             "train loss": "train_loss", "eval loss (silos)": "eval_loss",
             "server model eval loss": "server_eval_loss", "silo proxy eval loss": "proxy_eval_loss",
-        }
-        for label, key in series.items():
-            pts = [(r["round"], r[key]) for r in self.rounds if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set_xlabel("round")
+        })
         ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
+        if generated:
+            draw(gen_ax, {"ROUGE-L (silos)": "eval_rouge_l", "exact match": "eval_exact_match"})
+            gen_ax.set_ylabel("score")
+            gen_ax.set_ylim(-0.02, 1.02)
+            gen_ax.set_xlabel("round")
+        else:
+            ax.set_xlabel("round")
         fig.tight_layout()
         fig.savefig(self.dir / "loss.png", dpi=100)
         plt.close(fig)

@@ -22,6 +22,7 @@ import numpy as np
 
 from fedshield_flwr.config import NodeSettings, RunConfig
 from fedshield_flwr.data import SiloData, cached_silo_data
+from fedshield_flwr.generation import GenerationResult, generation_metrics
 from fedshield_flwr.models import (
     apply_lora,
     cache_root,
@@ -168,3 +169,22 @@ def evaluate_round(
     rt.set_adapter(adapter)
     data = rt.silo_data(cfg, node)
     return evaluate(rt.model, data.eval, cfg.train.eval_batch_size, rt.pad_id)
+
+
+def generate_round(
+    rt: SiloRuntime, cfg: RunConfig, node: NodeSettings, desc: str = "generate"
+) -> GenerationResult | None:
+    """With ``eval.generate``: exact match and ROUGE-L of greedy answers to the held-out prompts.
+
+    Call after :func:`evaluate_round` (the adapter to evaluate is loaded); None when off.
+    """
+    if not cfg.eval.generate:
+        return None
+    data = rt.silo_data(cfg, node)
+    result = generation_metrics(rt.model, rt.tokenizer, data.eval, cfg.eval.max_new_tokens,
+                                cfg.eval.max_examples, cfg.train.eval_batch_size,
+                                cfg.train.progress, desc=f"silo {node.partition_id} {desc}")
+    log.info("silo %d: exact match %.3f, ROUGE-L %.3f over %d generated answers (%.1f s)",
+             node.partition_id, result.exact_match, result.rouge_l, result.num_generated,
+             result.seconds)
+    return result

@@ -33,13 +33,21 @@ class ServerMode:
         return encode_arrays(self.template)
 
     def checkpoint(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
-        return dict(decode_arrays(arrays, "server checkpoint"))
+        """The global adapter, plus the server optimizer's state under ``optimizer/``."""
+        state = dict(decode_arrays(arrays, "server checkpoint"))
+        optimizer = getattr(self.strategy, "optimizer", None)
+        if optimizer is not None:
+            state.update(optimizer.state())
+        return state
 
     def restore(self, state: dict[str, np.ndarray]) -> ArrayRecord:
         missing = set(self.template) - set(state)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} adapter tensors (e.g. "
                              f"{sorted(missing)[0]}); was it written with other model settings?")
+        optimizer = getattr(self.strategy, "optimizer", None)
+        if optimizer is not None:
+            optimizer.load_state(state, list(self.template))
         return encode_arrays({k: state[k] for k in self.template})
 
     def train_config(self) -> ConfigRecord:

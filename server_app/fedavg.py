@@ -8,12 +8,15 @@ from fedshield_flwr.config import RunConfig
 from fedshield_flwr.silo import initial_adapter
 from server_app.base import ServerMode
 from strategies.fedavg import LoraFedAvg
+from strategies.optimizers import ServerOptimizer
 
 
 class FedAvgMode(ServerMode):
-    """fedavg: every party derives the same seeded initial adapter; the server averages."""
+    """fedavg: every party derives the same seeded initial adapter; the server averages
+    (and steps the average with ``strategy.optimizer``)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         super().__init__(cfg, run_dir)
         self.template = initial_adapter(cfg)
-        self.strategy = LoraFedAvg(self.template, **cfg.strategy.flower_kwargs())
+        self.strategy = LoraFedAvg(self.template, ServerOptimizer.from_settings(cfg.strategy),
+                                   **cfg.strategy.flower_kwargs())

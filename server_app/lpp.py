@@ -36,6 +36,7 @@ from fedshield_flwr.train import evaluate
 from fedshield_flwr.wire import decode_arrays
 from server_app.base import ServerMode
 from strategies.lpp import LppStrategy
+from strategies.optimizers import ServerOptimizer
 
 log = logging.getLogger("fedshield.server")
 
@@ -58,7 +59,8 @@ class LppMode(ServerMode):
         self.template = get_adapter_state(self.full)
         self.strategy = LppStrategy(
             self.template, lambda: package_to_arrays(self.package), self.package.content_hash,
-            s.adapter_spec(), s.server_lr, **cfg.strategy.flower_kwargs())
+            s.adapter_spec(), s.server_lr, optimizer=ServerOptimizer.from_settings(cfg.strategy),
+            **cfg.strategy.flower_kwargs())
         self._proxy = None
         self._rows: list[dict] | None = None
         self._tokenizer = None

@@ -23,8 +23,10 @@ from flwr.serverapp import Grid
 from fedshield_flwr.protocol import (
     EVAL_LOSS,
     EVAL_PERPLEXITY,
+    GENERATION_KEYS,
     METRICS,
     NUM_EXAMPLES,
+    NUM_GENERATED,
     NUM_TOKENS,
     ROUND,
     TIMING_KEYS,
@@ -111,13 +113,18 @@ def silo_timings(replies: list[Message], metrics_key: str = METRICS) -> dict[str
 
 
 def evaluate_metrics(good: list[Message]) -> MetricRecord | None:
-    """Token-weighted eval loss, perplexity and mean timings of accepted evaluate replies."""
+    """Token-weighted eval loss, perplexity and mean timings of accepted evaluate replies.
+
+    With ``eval.generate`` also exact match and ROUGE-L, weighted by the answers each silo
+    generated.
+    """
     loss = weighted_metric(good, EVAL_LOSS, weight_key=NUM_TOKENS)
     if loss is None:
         return None
     timings = {k.replace("silo_load", "silo_eval_load"): v for k, v in silo_timings(good).items()}
+    generation = {k: weighted_metric(good, k, weight_key=NUM_GENERATED) for k in GENERATION_KEYS}
     return MetricRecord({EVAL_LOSS: loss, EVAL_PERPLEXITY: float(np.exp(min(loss, 50.0))),
-                         **timings})
+                         **{k: v for k, v in generation.items() if v is not None}, **timings})
 
 
 def train_metrics(good: list[Message], num_examples: float, **extra: float) -> MetricRecord:

@@ -3,7 +3,9 @@
 Only LoRA tensors cross the wire, as an ``ArrayRecord``; the server averages them weighted by the
 number of examples each silo trained on. Every reply is validated on its own (round, names,
 shapes, dtype, finite values, duplicates): a bad reply is logged with the silo and the round and
-left out, and the round goes on with the others.
+left out, and the round goes on with the others. With ``strategy.optimizer`` other than
+``fedavg`` the mean is the "average" one of Flower's server optimizers steps from
+(:mod:`strategies.optimizers`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedshield_flwr.protocol import ARRAYS, NUM_EXAMPLES, check_reply_round, reply_metrics
-from fedshield_flwr.wire import PayloadError, decode_adapter, encode_arrays
+from fedshield_flwr.wire import PayloadError, decode_adapter, decode_arrays, encode_arrays
 from strategies.base import RoundLoop, evaluate_metrics, split_replies, train_metrics
+from strategies.optimizers import ServerOptimizer
 
 log = logging.getLogger("fedshield.server")
 
@@ -61,13 +65,18 @@ class LoraFedAvg(RoundLoop, FedAvg):
     ----------
     template : Mapping[str, np.ndarray]
         The adapter the silos must send back: names, shapes and dtypes are checked against it.
+    optimizer : ServerOptimizer, optional
+        The server optimizer applied to the weighted mean (default: none, plain FedAvg).
     **kwargs
         Passed to ``flwr.serverapp.strategy.FedAvg`` (fractions, minimum node counts).
     """
 
-    def __init__(self, template: Mapping[str, np.ndarray], **kwargs) -> None:
+    def __init__(self, template: Mapping[str, np.ndarray],
+                 optimizer: ServerOptimizer | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.template = OrderedDict((k, np.asarray(v)) for k, v in template.items())
+        self.optimizer = optimizer or ServerOptimizer("fedavg")
+        self.current_arrays: ArrayRecord | None = None  # the global arrays sent this round
         self.accepted_replies = 0
         self.rejected_replies = 0
         self.problems: list[str] = []
@@ -88,9 +97,26 @@ class LoraFedAvg(RoundLoop, FedAvg):
         who = f"silo node {node} in round {server_round}"
         return decode_adapter(msg.content.array_records[ARRAYS], self.template, who), weight
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current_arrays = arrays  # what the server optimizer steps from
+        return super().configure_train(server_round, arrays, config, grid)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The weighted mean of the valid replies, stepped by the server optimizer if any."""
+        mean, metrics = self.average_train(server_round, replies)
+        if mean is None or not self.optimizer.active:
+            return mean, metrics
+        assert self.current_arrays is not None, "configure_train did not run"
+        current = decode_arrays(self.current_arrays, "server global adapter")
+        return self.optimizer.step(server_round, current, mean), metrics
+
+    def average_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply; the exact weighted mean of the valid ones and their metrics."""
         kept, problems = split_replies(replies, server_round, "train", self.destinations)
         states, weights, good = [], [], []
         for msg in kept:

@@ -6,6 +6,11 @@ Round ``r`` (FedLPP, arXiv 2406.10976)::
     replies   = the silos' adapters after local training on the quantized base
     fp       += lpp.server-lr * (weighted mean(replies) - dequantized(sent))
 
+With ``strategy.optimizer`` other than ``fedavg`` the FedLPP result is the "average" that
+Flower's server optimizer steps from, against the fp32 global adapter (``fp`` before the
+update), so the pseudo-gradient is ``lpp.server-lr * (mean - sent)``
+(:mod:`strategies.optimizers`).
+
 The message keys are :mod:`fedshield_flwr.lpp.protocol`'s. The quantized base travels once per
 silo (:class:`~fedshield_flwr.packages.delivery.PackageDelivery`): before the first message of a
 run the server asks each silo (a Flower ``query`` carrying the content hash) whether the package
@@ -56,6 +61,7 @@ class LppStrategy(LoraFedAvg):
     server_lr : float
         FedLPP's server step size.
     **kwargs
+        :class:`~strategies.fedavg.LoraFedAvg` arguments (``optimizer``) and
         ``flwr.serverapp.strategy.FedAvg`` arguments.
     """
 
@@ -120,14 +126,15 @@ class LppStrategy(LoraFedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._track(replies)
-        merged, metrics = super().aggregate_train(server_round, replies)
+        merged, metrics = self.average_train(server_round, replies)
         if merged is None:
             return None, None
         assert self._fp is not None and self._sent is not None, "configure_train did not run"
         # LoraFedAvg has validated every reply and computed the weighted mean: apply FedLPP's rule
         mean = decode_arrays(merged, "aggregate")
-        fp = lpp_server_update(self._fp, self._sent, [mean], [1.0], self.server_lr)
-        return encode_arrays(fp), metrics
+        fp = encode_arrays(lpp_server_update(self._fp, self._sent, [mean], [1.0], self.server_lr))
+        # the server optimizer (if any) steps the fp32 global adapter towards FedLPP's result
+        return self.optimizer.step(server_round, self._fp, fp), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

@@ -37,6 +37,25 @@ def test_summary_prints_the_round_table(tmp_path, capsys):
     assert "2.0000 -> 1.5000" in out and "-25.0%" in out
 
 
+def test_summary_shows_exact_match_and_rouge_l_columns_only_when_generated(tmp_path, capsys):
+    from fedshield_flwr.results import RunResults
+
+    res = RunResults.create(tmp_path, "run-g", {"strategy.name": "fedavg", "model.name": "m"})
+    res.add_round({"round": 0, "eval_loss": 2.0, "eval_perplexity": 7.4})
+    assert main(["summary", str(tmp_path / "latest")]) == 0
+    assert "rougeL" not in capsys.readouterr().out
+    plain_png = (res.dir / "loss.png").stat().st_size
+    res.add_round({"round": 1, "train_loss": 2.1, "eval_loss": 1.5, "eval_perplexity": 4.5,
+                   "eval_exact_match": 0.25, "eval_rouge_l": 0.4321})
+    assert main(["summary", str(tmp_path / "latest")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("round"))
+    assert header.split()[4:6] == ["exact", "rougeL"]
+    row = next(line for line in lines if line.split()[:1] == ["1"])
+    assert row.split()[4:6] == ["0.250", "0.432"]
+    assert (res.dir / "loss.png").stat().st_size > plain_png  # the ROUGE-L panel is drawn
+
+
 def test_summary_of_a_failed_run_prints_the_status_and_the_error_last(tmp_path, capsys):
     from fedshield_flwr.results import RunResults
 
