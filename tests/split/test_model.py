@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -18,18 +17,6 @@ from fedshield_flwr.split.settings import SplitSettings
 from fedshield_flwr.split.silo_model import LocalLink, SiloTrainer, SplitSilo
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    old = os.environ.get("FEDSHIELD_CACHE")
-    os.environ["FEDSHIELD_CACHE"] = str(tmp_path_factory.getbasetemp() / "fedshield-cache")
-    torch.set_num_threads(1)
-    yield
-    if old is None:
-        os.environ.pop("FEDSHIELD_CACHE", None)
-    else:
-        os.environ["FEDSHIELD_CACHE"] = old
 
 
 def _three_parties(name: str, head: int = 1, tail: int = 1):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import datetime
 import ipaddress
-import os
 import threading
 import time
 
@@ -28,18 +27,6 @@ from fedshield_flwr.split.silo_model import SiloTrainer, SplitSilo
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 LR = 3e-3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    old = os.environ.get("FEDSHIELD_CACHE")
-    os.environ["FEDSHIELD_CACHE"] = str(tmp_path_factory.getbasetemp() / "fedshield-cache")
-    torch.set_num_threads(1)
-    yield
-    if old is None:
-        os.environ.pop("FEDSHIELD_CACHE", None)
-    else:
-        os.environ["FEDSHIELD_CACHE"] = old
 
 
 _BASES: dict[str, torch.nn.Module] = {}
