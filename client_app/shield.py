@@ -15,6 +15,7 @@ from flwr.app import Context, Message
 from fedshield_flwr import protocol as p
 from fedshield_flwr.config import NodeSettings, RunConfig
 from fedshield_flwr.models import export_adapter, public_model_name
+from fedshield_flwr.optimizers import ServerOptimizer
 from fedshield_flwr.shield import protocol as sp
 from fedshield_flwr.shield import silo as shield_silo
 from fedshield_flwr.shield.settings import ShieldSettings
@@ -33,13 +34,16 @@ def _setup(msg: Message, context: Context):
     keyset = shield_silo.load_keyset(context.node_config, sh, sp.keys_tag(msg))
     load_s = time.time() - t0
     t0 = time.time()
+    optimizer = ServerOptimizer.from_settings(cfg.strategy)  # stepped here, never on the server
     global_adapter, state = shield_silo.caught_up(context.state, keyset, rt.initial,
-                                                  sp.read_downlink(msg), str(context.node_id))
-    return cfg, node, sh, server_round, rt, keyset, global_adapter, state, load_s, time.time() - t0
+                                                  sp.read_downlink(msg), str(context.node_id),
+                                                  optimizer)
+    return (cfg, node, sh, server_round, rt, keyset, global_adapter, state, optimizer, load_s,
+            time.time() - t0)
 
 
 def train(msg: Message, context: Context) -> Message:
-    (cfg, node, sh, server_round, rt, keyset, global_adapter, state, load_s,
+    (cfg, node, sh, server_round, rt, keyset, global_adapter, state, optimizer, load_s,
      decrypt_s) = _setup(msg, context)
     start = shield_silo.training_start(global_adapter, state, sh)
     result = train_round(rt, cfg, node, server_round, start)
@@ -49,7 +53,7 @@ def train(msg: Message, context: Context) -> Message:
         num_examples=result.num_examples, settings=sh, num_rounds=cfg.num_server_rounds,
         state=state)
     encrypt_s = time.time() - t0
-    shield_silo.save(context.state, global_adapter, state)
+    shield_silo.save(context.state, global_adapter, state, optimizer)
     log.info("silo %d round %d: train_loss=%.4f, encrypted upload %.2f MB", node.partition_id,
              server_round, result.loss, len(payload) / 1e6)
     metrics = p.train_metrics(result, server_round, **{
@@ -59,9 +63,9 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    (cfg, node, sh, server_round, rt, keyset, global_adapter, state, load_s,
+    (cfg, node, sh, server_round, rt, keyset, global_adapter, state, optimizer, load_s,
      decrypt_s) = _setup(msg, context)
-    shield_silo.save(context.state, global_adapter, state)
+    shield_silo.save(context.state, global_adapter, state, optimizer)
     t0 = time.time()
     result = evaluate_round(rt, cfg, node, global_adapter)
     generated = generate_round(rt, cfg, node, f"round {server_round}")

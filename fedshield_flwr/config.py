@@ -213,7 +213,7 @@ class TrainSettings(Section):
               "needs 0 <= learning-rate-min <= learning-rate-max")
 
 
-# strategy.optimizer: Flower's server optimizers (strategies/optimizers.py maps them to classes)
+# strategy.optimizer: Flower's server optimizers (fedshield_flwr/optimizers.py maps them to classes)
 SERVER_OPTIMIZERS: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
@@ -227,8 +227,8 @@ class StrategySettings(Section):
     min_evaluate_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 3600.0
-    # Server optimizer (strategies/optimizers.py, Flower's classes): names and defaults of their
-    # constructors; server-learning-rate 0 = the chosen class's own default.
+    # Server optimizer (fedshield_flwr/optimizers.py, Flower's classes; shield runs it on the
+    # silos): names and defaults of their constructors; server-learning-rate 0 = the chosen class's own default.
     optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi | fedadagrad
     server_learning_rate: float = 0.0
     server_momentum: float = 0.0
@@ -245,13 +245,10 @@ class StrategySettings(Section):
               self.fraction_train, "in [0, 1]")
         check(self.optimizer in SERVER_OPTIMIZERS, "strategy.optimizer", self.optimizer,
               f"choose one of {', '.join(SERVER_OPTIMIZERS)}")
-        why = {"shield": "the server sees only ciphertexts, so the optimizer must be applied "
-                         "on the silos, which is not done yet",
-               "split": "split's server optimizer is not wired yet (silo parts are averaged "
-                        "by plain FedAvg)"}
-        check(self.optimizer == "fedavg" or self.name not in why, "strategy.optimizer",
-              self.optimizer, f"strategy.name={self.name} supports only fedavg: "
-              f"{why.get(self.name, '')}")
+        # shield applies it on the silos (every silo steps the decrypted mean identically)
+        check(self.optimizer == "fedavg" or self.name != "split", "strategy.optimizer",
+              self.optimizer, "strategy.name=split supports only fedavg: split's server "
+              "optimizer is not wired yet (silo parts are averaged by plain FedAvg)")
         check(self.server_learning_rate >= 0, "strategy.server-learning-rate",
               self.server_learning_rate, ">= 0 (0 = the Flower class's default)")
         check(self.server_momentum >= 0, "strategy.server-momentum", self.server_momentum, ">= 0")

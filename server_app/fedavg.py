@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedshield_flwr.config import RunConfig
+from fedshield_flwr.optimizers import ServerOptimizer
 from fedshield_flwr.silo import initial_adapter
 from server_app.base import ServerMode
 from strategies.fedavg import LoraFedAvg
-from strategies.optimizers import ServerOptimizer
 
 
 class FedAvgMode(ServerMode):

@@ -31,12 +31,12 @@ from fedshield_flwr.models import (
     resolve_model_path,
     set_adapter_state,
 )
+from fedshield_flwr.optimizers import ServerOptimizer
 from fedshield_flwr.packages.format import package_to_arrays
 from fedshield_flwr.train import evaluate
 from fedshield_flwr.wire import decode_arrays
 from server_app.base import ServerMode
 from strategies.lpp import LppStrategy
-from strategies.optimizers import ServerOptimizer
 
 log = logging.getLogger("fedshield.server")
 

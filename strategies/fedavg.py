@@ -5,7 +5,7 @@ number of examples each silo trained on. Every reply is validated on its own (ro
 shapes, dtype, finite values, duplicates): a bad reply is logged with the silo and the round and
 left out, and the round goes on with the others. With ``strategy.optimizer`` other than
 ``fedavg`` the mean is the "average" one of Flower's server optimizers steps from
-(:mod:`strategies.optimizers`).
+(:mod:`fedshield_flwr.optimizers`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedshield_flwr.optimizers import ServerOptimizer
 from fedshield_flwr.protocol import ARRAYS, NUM_EXAMPLES, check_reply_round, reply_metrics
 from fedshield_flwr.wire import PayloadError, decode_adapter, decode_arrays, encode_arrays
 from strategies.base import RoundLoop, evaluate_metrics, split_replies, train_metrics
-from strategies.optimizers import ServerOptimizer
 
 log = logging.getLogger("fedshield.server")
 

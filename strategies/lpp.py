@@ -9,7 +9,7 @@ Round ``r`` (FedLPP, arXiv 2406.10976)::
 With ``strategy.optimizer`` other than ``fedavg`` the FedLPP result is the "average" that
 Flower's server optimizer steps from, against the fp32 global adapter (``fp`` before the
 update), so the pseudo-gradient is ``lpp.server-lr * (mean - sent)``
-(:mod:`strategies.optimizers`).
+(:mod:`fedshield_flwr.optimizers`).
 
 The message keys are :mod:`fedshield_flwr.lpp.protocol`'s. The quantized base travels once per
 silo (:class:`~fedshield_flwr.packages.delivery.PackageDelivery`): before the first message of a

@@ -17,8 +17,9 @@ def reply(msg: Message, content: RecordDict) -> Message:
     return Message(content, reply_to=msg)
 
 
-def context(run_config: dict[str, Any], node_config: dict[str, Any] | None = None) -> Context:
-    return Context(run_id=1, node_id=1, node_config=node_config or {},
+def context(run_config: dict[str, Any], node_config: dict[str, Any] | None = None,
+            node_id: int = 1) -> Context:
+    return Context(run_id=1, node_id=node_id, node_config=node_config or {},
                    state=RecordDict(), run_config=run_config)
 
 

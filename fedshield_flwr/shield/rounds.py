@@ -30,7 +30,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from fedshield_flwr.shield.pruning import (
     split_with_residual,
 )
 from fedshield_flwr.shield.seal_backend import EncryptionPool
+
+if TYPE_CHECKING:
+    from fedshield_flwr.optimizers import ServerOptimizer
 
 PARALLEL_MIN_VALUES = 1 << 19  # below this a process pool costs more than it saves
 
@@ -431,11 +434,16 @@ def catch_up(
     state: SiloState,
     *,
     silo: str,
+    optimizer: ServerOptimizer | None = None,
 ) -> tuple[OrderedDict[str, np.ndarray], SiloState]:
     """Apply the server's downlink (records in order) to the global adapter this silo holds.
 
     Records not newer than ``state.global_round`` are skipped without decrypting, so the
-    server may send more than needed.
+    server may send more than needed. With a server ``optimizer`` (``strategy.optimizer``),
+    each aggregate's mean ``G + mean update`` is stepped by it, as the fedavg server steps its
+    mean: every silo applies the same steps in the same order from the same seeded start, so
+    all hold the same adapter and optimizer state, and a silo replaying the whole log (a new
+    silo, a resumed run) reaches them bit for bit.
 
     Parameters
     ----------
@@ -447,6 +455,8 @@ def catch_up(
     state : SiloState
     silo : str
         This silo's id (to tell whether its last upload was summed).
+    optimizer : ServerOptimizer, optional
+        Its state is that of round ``state.global_round``; it is stepped in place.
 
     Returns
     -------
@@ -472,8 +482,17 @@ def catch_up(
                 f"the server's downlink jumps from round {rnd} to {record.round} but its log "
                 f"has round {record.prev_round} in between; ask the server for "
                 f"downlink(since_round={rnd})", silo=None, round=record.round)
+        if record.kind == "snapshot" and optimizer is not None and optimizer.active:
+            raise PayloadError(
+                f"the server sent a round-{record.round} snapshot, but this run steps the "
+                f"{optimizer.name} optimizer on the silos and a snapshot carries no optimizer "
+                "state; do not compact the log of a run with strategy.optimizer set",
+                silo=None, round=record.round)
         agg = decrypt_aggregate(keyset, record)
-        current = apply_aggregate(current, agg)
+        mean = apply_aggregate(current, agg)
+        if optimizer is not None and agg.kind == "aggregate":
+            mean = optimizer.step_arrays(agg.round, current, mean)
+        current = mean
         state = state.after_aggregate(agg.round, agg.silos, silo, agg.values.size,
                                       snapshot=agg.kind == "snapshot")
         rnd = agg.round

@@ -1,8 +1,10 @@
 """The silo side of ``shield``: catch up on the encrypted aggregates, encrypt the pruned update.
 
 What a silo keeps between messages lives in Flower's ``context.state`` (on the silo only, a
-``RecordDict``): the global adapter it has rebuilt, its round, and the error-feedback residual of
-what pruning held back. These steps are shared by ``shield`` and by ``split`` when it aggregates
+``RecordDict``): the global adapter it has rebuilt, its round, the error-feedback residual of
+what pruning held back, and the state of the server optimizer (``strategy.optimizer``) that
+every silo steps on the decrypted aggregates. The server never sees any of it; a silo that
+lost it (a new process, a resumed run) rebuilds all of it by replaying the encrypted log. These steps are shared by ``shield`` and by ``split`` when it aggregates
 its silo-side adapters with ``shield``.
 """
 
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from fedshield_flwr.optimizers import ServerOptimizer
 from fedshield_flwr.shield.keys import SiloKeyset
 from fedshield_flwr.shield.protocol import NODE_KEY_FILE
 from fedshield_flwr.shield.provision import silo_keyset
@@ -23,7 +26,8 @@ from fedshield_flwr.shield.rounds import SiloState, catch_up, encrypt_update, wi
 from fedshield_flwr.shield.settings import ShieldSettings
 from fedshield_flwr.wire import decode_arrays, encode_arrays
 
-STATE_KEY, GLOBAL_KEY = "shield.state", "shield.global"  # records of context.state
+# records of context.state
+STATE_KEY, GLOBAL_KEY, OPTIMIZER_KEY = "shield.state", "shield.global", "shield.optimizer"
 
 
 def load_keyset(node_config: Mapping[str, Any], settings: ShieldSettings, tag: str) -> SiloKeyset:
@@ -41,19 +45,30 @@ def restore(store: RecordDict, initial: Mapping[str, np.ndarray]
     return OrderedDict(decode_arrays(arrays[GLOBAL_KEY], "silo state")), state
 
 
-def save(store: RecordDict, global_adapter: Mapping[str, np.ndarray], state: SiloState) -> None:
-    """Keep the global adapter and shield state for this silo's next message."""
+def save(store: RecordDict, global_adapter: Mapping[str, np.ndarray], state: SiloState,
+         optimizer: ServerOptimizer | None = None) -> None:
+    """Keep the global adapter, shield state and optimizer state for this silo's next message."""
     store[STATE_KEY] = ArrayRecord(OrderedDict(
         (k, Array(np.ascontiguousarray(v))) for k, v in state.to_arrays().items()))
     store[GLOBAL_KEY] = encode_arrays(global_adapter)
+    if optimizer is not None and optimizer.active:
+        store[OPTIMIZER_KEY] = encode_arrays(optimizer.state())
 
 
 def caught_up(store: RecordDict, keyset: SiloKeyset, initial: Mapping[str, np.ndarray],
-              downlink: list[np.ndarray], silo: str
+              downlink: list[np.ndarray], silo: str, optimizer: ServerOptimizer | None = None
               ) -> tuple[OrderedDict[str, np.ndarray], SiloState]:
-    """The global adapter after decrypting and applying ``downlink`` onto what ``store`` holds."""
+    """The global adapter after decrypting and applying ``downlink`` onto what ``store`` holds.
+
+    ``optimizer`` (fresh, as built from the run config) gets the state ``store`` kept for it
+    and is stepped once per newly applied aggregate.
+    """
     global_adapter, state = restore(store, initial)
-    return catch_up(keyset, global_adapter, downlink, state, silo=silo)
+    if optimizer is not None and optimizer.active:
+        kept = store.array_records.get(OPTIMIZER_KEY)
+        if kept is not None and state.global_round > 0:
+            optimizer.load_state(decode_arrays(kept, "silo optimizer state"), list(initial))
+    return catch_up(keyset, global_adapter, downlink, state, silo=silo, optimizer=optimizer)
 
 
 def training_start(global_adapter: Mapping[str, np.ndarray], state: SiloState,

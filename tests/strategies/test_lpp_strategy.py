@@ -158,7 +158,7 @@ class HandlerGrid:
         self.handlers = {"train": client.train, "evaluate": client.evaluate,
                          "query": client.query}
         self.contexts = {n + 1: context(run_config, {"partition-id": n,
-                                                     "num-partitions": num_nodes})
+                                                     "num-partitions": num_nodes}, n + 1)
                          for n in range(num_nodes)}
         self.sent: list[Message] = []
 

@@ -1,5 +1,11 @@
 """Server optimizers (``strategy.optimizer``): Flower's FedOpt family applied to our average.
 
+Where the step runs depends on the mode: the fedavg and lpp strategies step on the server; in
+shield the server holds only ciphertexts, so every silo steps the decrypted aggregate itself
+(:func:`fedshield_flwr.shield.rounds.catch_up`), in round order, from the same seeded state: every
+silo, and a silo that catches up on the whole encrypted log later, reaches the same adapter and
+the same optimizer state. That is why this module is library code, not a strategy.
+
 Our strategies validate every reply and compute the exact weighted mean themselves
 (:func:`strategies.fedavg.weighted_average`); Flower's ``FedAvgM``, ``FedAdam``, ``FedYogi`` and
 ``FedAdagrad`` each take the mean that ``FedAvg.aggregate_train`` returns, turn it into a
@@ -126,6 +132,17 @@ class ServerOptimizer:
         return ArrayRecord(OrderedDict(
             (k, Array(np.ascontiguousarray(new[k].numpy().astype(dtypes[k], copy=False))))
             for k in current))
+
+    def step_arrays(self, server_round: int, current: Mapping[str, np.ndarray],
+                    mean: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        """:meth:`step` on plain numpy dicts (a shield silo's decrypted mean, ``current + mean
+        update``); returns ``mean`` itself (as a dict) when no optimizer is set."""
+        if self.flower is None:
+            return OrderedDict(mean)
+        record = ArrayRecord(OrderedDict(
+            (k, Array(np.ascontiguousarray(mean[k]))) for k in current))
+        return OrderedDict((k, a.numpy()) for k, a in self.step(server_round, current,
+                                                                record).items())
 
     # ---- checkpoint -----------------------------------------------------------------------
 
