@@ -347,10 +347,6 @@ class RunConfig:
                   **top)
         check(cfg.num_server_rounds >= 1, "num-server-rounds", cfg.num_server_rounds, ">= 1")
         check(cfg.checkpoint_every >= 1, "checkpoint.every", cfg.checkpoint_every, ">= 1")
-        check(not (cfg.eval.generate and cfg.strategy.name == "split"), "eval.generate",
-              cfg.eval.generate, "strategy.name=split does not support it: a split silo holds "
-              "only the head and tail blocks and generation through the relay is not wired yet; "
-              "set eval.generate=false")
         return cfg
 
     @staticmethod

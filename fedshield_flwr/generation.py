@@ -10,7 +10,7 @@ match after lower-casing and collapsing whitespace, and ROUGE-L F1 (``rouge-scor
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,17 +96,33 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[list[int]], max_new
 def generation_metrics(model, tokenizer, rows: Sequence[dict], max_new_tokens: int,
                        max_examples: int, batch_size: int, progress: bool = False,
                        desc: str = "generate") -> GenerationResult:
-    """Exact match and ROUGE-L of greedy answers to the first ``max_examples`` of ``rows``.
+    """Exact match and ROUGE-L of ``model``'s greedy answers to the first ``max_examples`` rows.
 
     Rows without a prompt or without a reference token (an answer truncated away) are skipped.
+    """
+    return score_generations(
+        lambda prompts: greedy_continuations(model, tokenizer, prompts, max_new_tokens,
+                                             batch_size, progress, desc),
+        tokenizer, rows, max_examples, desc)
+
+
+def score_generations(generate: Callable[[list[list[int]]], list[list[int]]], tokenizer,
+                      rows: Sequence[dict], max_examples: int,
+                      desc: str = "generate") -> GenerationResult:
+    """Exact match and ROUGE-L of ``generate(prompts)`` (new token ids per prompt, EOS included
+    or not) against the references of the first ``max_examples`` usable ``rows``.
+
+    ``generate`` is whatever produces a silo's greedy answers: ``model.generate`` for a whole
+    model (:func:`generation_metrics`), the split relay for a split silo.
     """
     t0 = time.time()
     pairs = [prompt_and_reference(r) for r in rows]
     pairs = [(p, ref) for p, ref in pairs if p and ref][:max_examples]
     if not pairs:
         raise ValueError(f"{desc}: no held-out row has both a prompt and a reference answer")
-    generated = greedy_continuations(model, tokenizer, [p for p, _ in pairs], max_new_tokens,
-                                     batch_size, progress, desc)
+    generated = generate([p for p, _ in pairs])
+    if len(generated) != len(pairs):
+        raise ValueError(f"{desc}: {len(generated)} answers for {len(pairs)} prompts")
     answers = tokenizer.batch_decode(generated, skip_special_tokens=True)
     refs = tokenizer.batch_decode([ref for _, ref in pairs], skip_special_tokens=True)
     em = [exact_match(a, r) for a, r in zip(answers, refs)]

@@ -106,10 +106,39 @@ def test_aggregate_weights_generation_metrics_by_answers_generated():
     assert "eval_exact_match" not in plain and "eval_rouge_l" not in plain
 
 
-def test_split_refuses_eval_generate_naming_the_key():
-    with pytest.raises(ConfigError, match="'eval.generate'.*relay is not wired yet"):
-        RunConfig.from_flat(tiny_run_config(**{"strategy.name": "split", "eval.generate": True}))
-    RunConfig.from_flat(tiny_run_config(**{"strategy.name": "split"}))  # off: accepted
+def test_split_silo_generates_through_the_relay_as_the_unsplit_model_does(
+        tmp_path, flower_identity, silo):
+    """eval.generate in split: greedy answers through the real relay (head and tail on the silo,
+    the middle on the server, a KV cache on each) score exactly as the whole model's."""
+    from client_app import split as silo_split
+    from server_app.split import SplitMode
+    from tests.strategies.test_split_strategy import FakeGrid, _sorted
+
+    flat = tiny_run_config(**{"strategy.name": "split", **GEN})
+    mode = SplitMode(RunConfig.from_flat(flat), tmp_path)
+    mode.relay.start()
+    try:
+        msgs = _sorted(mode.strategy.configure_evaluate(
+            0, mode.initial_arrays(), ConfigRecord({}), FakeGrid()))
+        ctx = context(flat, {"partition-id": 0, "num-partitions": 2})
+        metrics = silo_split.evaluate(msgs[0], ctx).content.metric_records["metrics"]
+    finally:
+        mode.relay.stop()
+    rt, rows = silo  # the same silo's held-out rows, the whole model, the initial adapter
+    want = generation_metrics(rt.model, rt.tokenizer, rows, max_new_tokens=6, max_examples=4,
+                              batch_size=4)
+    assert metrics["num-generated"] == want.num_generated == 4
+    assert metrics["eval_exact_match"] == pytest.approx(want.exact_match)
+    assert metrics["eval_rouge_l"] == pytest.approx(want.rouge_l)
+    assert metrics["relay-bytes-up"] > 0  # it went through the relay
+
+
+def test_score_generations_refuses_a_generator_that_drops_answers(silo):
+    from fedshield_flwr.generation import score_generations
+
+    rt, rows = silo
+    with pytest.raises(ValueError, match="3 answers for 4 prompts"):
+        score_generations(lambda prompts: [[1]] * (len(prompts) - 1), rt.tokenizer, rows, 4)
 
 
 @pytest.mark.parametrize("key", ["eval.max-new-tokens", "eval.max-examples"])

@@ -21,6 +21,7 @@ import torch
 from fedshield_flwr import protocol as p
 from fedshield_flwr.config import NodeSettings, RunConfig
 from fedshield_flwr.data import IGNORE_INDEX
+from fedshield_flwr.generation import GenerationResult, score_generations
 from fedshield_flwr.packages.cache import receive_package
 from fedshield_flwr.packages.model import package_tokenizer
 from fedshield_flwr.silo import SiloRuntime, cached_runtime, skip_unused_bitsandbytes
@@ -197,7 +198,34 @@ def evaluate_through_relay(r: SplitRound) -> dict[str, float]:
             loss = trainer.evaluate(batch["input_ids"], batch["attention_mask"], batch["labels"])
             total += loss * n
             count += n
+        generated = generate_through_relay(r, trainer, data.eval)
     loss = total / max(count, 1)
+    gen = {} if generated is None else {
+        p.EVAL_EXACT_MATCH: generated.exact_match, p.EVAL_ROUGE_L: generated.rouge_l,
+        p.NUM_GENERATED: generated.num_generated}
     return {p.EVAL_LOSS: loss, p.EVAL_PERPLEXITY: math.exp(min(loss, 50.0)),
             p.NUM_TOKENS: count, p.NUM_EXAMPLES: len(rows), p.ROUND: r.server_round,
-            p.EVAL_S: time.time() - t0, **traffic}
+            p.EVAL_S: time.time() - t0, **gen, **traffic}
+
+
+def generate_through_relay(r: SplitRound, trainer: SiloTrainer, rows: list[dict]
+                           ) -> GenerationResult | None:
+    """With ``eval.generate``: greedy answers through the relay (a KV cache on each party, the
+    middle on the server), scored like every other mode's; None when off."""
+    cfg = r.cfg
+    if not cfg.eval.generate:
+        return None
+    size, eos = cfg.train.eval_batch_size, r.rt.tokenizer.eos_token_id
+
+    def generate(prompts: list[list[int]]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for i in range(0, len(prompts), size):
+            out += trainer.generate(prompts[i:i + size], cfg.eval.max_new_tokens, eos)
+        return out
+
+    result = score_generations(generate, r.rt.tokenizer, rows, cfg.eval.max_examples,
+                               desc=f"{r.who} generate")
+    log.info("silo %d: exact match %.3f, ROUGE-L %.3f over %d answers generated through the "
+             "relay (%.1f s)", r.node.partition_id, result.exact_match, result.rouge_l,
+             result.num_generated, result.seconds)
+    return result
