@@ -300,9 +300,8 @@ _TOP_LEVEL: tuple[tuple[str, str, type, Any], ...] = (
     ("results.dir", "results_dir", str, "results"),
     ("checkpoint.every", "checkpoint_every", int, 1),
     ("resume", "resume", bool, False),
+    ("resume-from", "resume_from", str, "latest"),
 )
-# Keys a user may add on the command line that pyproject does not list.
-_OPTIONAL_KEYS: tuple[str, ...] = ("resume.run",)
 _CORE_SECTIONS: tuple[type[Section], ...] = (StrategySettings, ModelSettings, DataSettings,
                                              TrainSettings, TrackingSettings, EvalSettings)
 
@@ -319,7 +318,8 @@ class RunConfig:
     results_dir: str = "results"
     checkpoint_every: int = 1
     resume: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)  # mode sections, ``resume.run``
+    resume_from: str = "latest"  # the results run id to resume (a folder of results.dir)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # mode sections
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
@@ -331,7 +331,7 @@ class RunConfig:
         from fedshield_flwr.modes import mode_sections  # the registry imports this module
 
         known = [k for s in _CORE_SECTIONS for k in s.keys()]
-        known += [k for k, *_ in _TOP_LEVEL] + list(_OPTIONAL_KEYS)
+        known += [k for k, *_ in _TOP_LEVEL]
         mode_keys = [k for s in mode_sections() for k in s.keys()]
         for key in flat:
             if key not in known and key not in mode_keys:
@@ -343,7 +343,7 @@ class RunConfig:
         cfg = cls(strategy=StrategySettings.from_flat(flat), model=ModelSettings.from_flat(flat),
                   data=DataSettings.from_flat(flat), train=TrainSettings.from_flat(flat),
                   tracking=TrackingSettings.from_flat(flat), eval=EvalSettings.from_flat(flat),
-                  extra={k: v for k, v in flat.items() if k not in known or k in _OPTIONAL_KEYS},
+                  extra={k: v for k, v in flat.items() if k not in known},
                   **top)
         check(cfg.num_server_rounds >= 1, "num-server-rounds", cfg.num_server_rounds, ">= 1")
         check(cfg.checkpoint_every >= 1, "checkpoint.every", cfg.checkpoint_every, ">= 1")

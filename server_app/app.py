@@ -30,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     configure_logging()
     cfg = RunConfig.from_flat(context.run_config)
     if cfg.resume:
-        results = RunResults.resume(cfg.results_dir, str(cfg.extra.get("resume.run", "latest")))
+        results = RunResults.resume(cfg.results_dir, cfg.resume_from)
         mode = build_mode(cfg, results.dir)
         done_round, state, _meta = results.load_checkpoint()
         arrays = mode.restore(state)

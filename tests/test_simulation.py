@@ -71,7 +71,9 @@ def test_resume_continues_from_the_last_checkpoint_identically(superlink, tmp_pa
     (run / "checkpoints" / "latest.json").write_text(
         json.dumps({"round": 2, "file": "round-0002.safetensors"}))
     shutil.rmtree(run / "adapter")
-    out = _run(superlink, broken, extra="resume=true", rounds=3)
+    # resume-from names the run (here the one "latest" points to): a declared key, so it
+    # passes `flwr run --run-config`, which refuses keys pyproject.toml does not declare
+    out = _run(superlink, broken, extra=f"resume=true resume-from='{run.name}'", rounds=3)
     assert "resuming run" in out.stdout
     assert [r["round"] for r in json.loads((run / "metrics.json").read_text())["rounds"]] == [
         0, 1, 2, 3]
