@@ -1,0 +1,97 @@
+"""What split adds to a head output before it leaves the silo: clipping and Gaussian noise.
+
+Two mechanisms, applied per token row of the packed ``[tokens, hidden]`` head output:
+
+- **relative noise** (``split.noise-sigma``, FedSEA's calibration): ``h + N(0, (sigma *
+  mean|h_row|)^2)``. Its scale follows the data, so it has no differential-privacy meaning.
+- **the Gaussian mechanism per token** (``split.clip-norm`` = C, ``split.noise-multiplier`` = z):
+  each row is clipped to L2 norm at most C, then ``N(0, (z * C)^2 I)`` is added. Replacing one
+  token's row by any other moves it by at most 2C, so one released row is (epsilon, delta)-DP
+  with respect to that row (:func:`gaussian_epsilon`, the analytic Gaussian mechanism of Balle and
+  Wang 2018). This protects the row, not the sentence: attention mixes earlier tokens into every
+  row, and a sequence releases one noisy row per token (see docs/privacy.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def clip_rows(h: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Scale each row of ``h`` down to L2 norm at most ``clip_norm`` (0: unchanged)."""
+    if clip_norm <= 0:
+        return h
+    norms = h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return h * (clip_norm / norms).clamp(max=1.0)
+
+
+def privatize_head_output(
+    h: torch.Tensor,
+    sigma: float = 0.0,
+    clip_norm: float = 0.0,
+    noise_multiplier: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The head output as it is sent: clipped + Gaussian per row, then relative noise.
+
+    Parameters
+    ----------
+    h : torch.Tensor
+        Packed head output ``[tokens, hidden]`` (any leading shape; rows are the last dim).
+    sigma : float
+        ``split.noise-sigma``: relative noise std (times each row's mean ``|h|``); 0 = off.
+    clip_norm : float
+        ``split.clip-norm``: per-row L2 bound C; 0 = no clipping and no calibrated noise.
+    noise_multiplier : float
+        ``split.noise-multiplier``: std of the calibrated noise in units of C (needs C > 0).
+    generator : torch.Generator, optional
+        Seeds the noise.
+    """
+    if clip_norm > 0:
+        h = clip_rows(h, clip_norm)
+        if noise_multiplier > 0:
+            noise = torch.randn(h.shape, generator=generator, dtype=h.dtype, device=h.device)
+            h = h + noise * (noise_multiplier * clip_norm)
+    if sigma > 0:
+        scale = h.abs().mean(dim=-1, keepdim=True) * sigma
+        noise = torch.randn(h.shape, generator=generator, dtype=h.dtype, device=h.device)
+        h = h + noise * scale
+    return h
+
+
+def _phi(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+def gaussian_delta(noise_multiplier: float, epsilon: float, sensitivity: float = 2.0) -> float:
+    """delta(epsilon) of the Gaussian mechanism, std ``noise_multiplier`` x C, L2 sensitivity
+    ``sensitivity`` x C (2: replace one row clipped to C). Balle and Wang (2018), Theorem 8."""
+    if noise_multiplier <= 0:
+        return 1.0
+    mu = sensitivity / noise_multiplier
+    return _phi(-epsilon / mu + mu / 2) - math.exp(epsilon) * _phi(-epsilon / mu - mu / 2)
+
+
+def gaussian_epsilon(noise_multiplier: float, delta: float, sensitivity: float = 2.0) -> float:
+    """The smallest epsilon with ``gaussian_delta(noise_multiplier, epsilon) <= delta``.
+
+    ``inf`` without noise. Bisection on the exact (analytic) privacy curve.
+    """
+    if noise_multiplier <= 0:
+        return math.inf
+    if gaussian_delta(noise_multiplier, 0.0, sensitivity) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while gaussian_delta(noise_multiplier, hi, sensitivity) > delta:
+        hi *= 2.0
+        if hi > 1e6:
+            return math.inf
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if gaussian_delta(noise_multiplier, mid, sensitivity) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
