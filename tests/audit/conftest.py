@@ -32,3 +32,16 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory):
+    import os
+
+    old = os.environ.get("FEDSHIELD_CACHE")
+    os.environ["FEDSHIELD_CACHE"] = str(tmp_path_factory.getbasetemp() / "fedshield-cache")
+    yield
+    if old is None:
+        os.environ.pop("FEDSHIELD_CACHE", None)
+    else:
+        os.environ["FEDSHIELD_CACHE"] = old
