@@ -46,3 +46,12 @@ def test_noise_multiplier_without_clip_norm_is_refused_naming_the_key():
         SplitSettings.from_flat({"split.noise-multiplier": 1.0})
     s = SplitSettings.from_flat({"split.clip-norm": 1.0, "split.noise-multiplier": 2.0})
     assert s.token_epsilon() == pytest.approx(gaussian_epsilon(2.0, 1e-5))
+
+
+def test_every_split_start_warns_that_the_server_holds_the_head_with_the_setting():
+    from fedshield_flwr.split.noise import exposure_warning
+
+    msg = exposure_warning(SplitSettings.from_flat({"split.clip-norm": 45.0,
+                                                    "split.noise-multiplier": 2.0}))
+    assert "server holds the base model" in msg and "noise-multiplier=2" in msg
+    assert "docs/privacy.md" in exposure_warning(SplitSettings())
