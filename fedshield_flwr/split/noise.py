@@ -71,7 +71,10 @@ def gaussian_delta(noise_multiplier: float, epsilon: float, sensitivity: float =
     if noise_multiplier <= 0:
         return 1.0
     mu = sensitivity / noise_multiplier
-    return _phi(-epsilon / mu + mu / 2) - math.exp(epsilon) * _phi(-epsilon / mu - mu / 2)
+    tail = _phi(-epsilon / mu - mu / 2)
+    # e^eps * tail in log space: e^eps overflows long before the product does
+    second = math.exp(min(epsilon + math.log(tail), 700.0)) if tail > 0 else 0.0
+    return max(_phi(-epsilon / mu + mu / 2) - second, 0.0)
 
 
 def gaussian_epsilon(noise_multiplier: float, delta: float, sensitivity: float = 2.0) -> float:

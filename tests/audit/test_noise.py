@@ -55,3 +55,8 @@ def test_every_split_start_warns_that_the_server_holds_the_head_with_the_setting
                                                     "split.noise-multiplier": 2.0}))
     assert "server holds the base model" in msg and "noise-multiplier=2" in msg
     assert "docs/privacy.md" in exposure_warning(SplitSettings())
+
+
+def test_gaussian_epsilon_stays_finite_for_tiny_noise_multipliers():
+    eps = gaussian_epsilon(0.02, 1e-5)
+    assert 100 < eps < math.inf
