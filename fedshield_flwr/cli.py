@@ -181,6 +181,52 @@ def nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- audit (issue 17) ------------------------------------------------------------------------
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-config", action="append", default=[], metavar="'K=V ...'",
+                   help="run config overrides, as `flwr run --run-config` (repeatable)")
+    p.add_argument("--modes", default="fedavg,lpp,shield,split", help="modes to attack")
+    p.add_argument("--sigmas", default="0,0.1,0.5,1,2", help="split.noise-sigma sweep")
+    p.add_argument("--head-layers", default="1,2,4", help="split.head-layers sweep")
+    p.add_argument("--dp-multipliers", default="0.5,1,2,4",
+                   help="split.noise-multiplier sweep (clip-norm: the run's, else the median norm)")
+    p.add_argument("--public-rows", type=int, default=120, help="the server's public text rows")
+    p.add_argument("--eval-rows", type=int, default=24, help="held-out silo rows attacked")
+    p.add_argument("--split-steps", type=int, default=8, help="split training steps")
+    p.add_argument("--no-frontier", action="store_true", help="skip the loss-cost frontier")
+    p.add_argument("--out", default="results/audit", help="directory for audit.json, audit.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+@command("audit", _audit_args)
+def audit(args: argparse.Namespace) -> int:
+    """Attack every mode's artifacts built from a run config; print, write JSON and a plot."""
+    from fedshield_flwr.audit.report import plot, table, write_json
+    from fedshield_flwr.audit.run import AuditError, AuditOptions, run_audit, run_config
+    from fedshield_flwr.config import ConfigError
+
+    try:
+        opts = AuditOptions(
+            modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+            sigmas=tuple(float(x) for x in args.sigmas.split(",")),
+            head_layers=tuple(int(x) for x in args.head_layers.split(",")),
+            dp_multipliers=tuple(float(x) for x in args.dp_multipliers.split(",") if x.strip()),
+            public_rows=args.public_rows, eval_rows=args.eval_rows,
+            split_steps=args.split_steps, frontier=not args.no_frontier,
+            progress=not args.quiet)
+        res = run_audit(run_config(args.run_config), opts)
+    except (AuditError, ConfigError, ValueError) as exc:
+        print(f"fedshield audit: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    path = write_json(res, out / "audit.json")
+    png = plot(res, out / "audit.png")
+    print(table(res))
+    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return 0
+# ---- end audit --------------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedshield", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -37,6 +37,7 @@ from fedshield_flwr.packages.format import package_to_arrays
 from fedshield_flwr.silo import skip_unused_bitsandbytes
 from fedshield_flwr.split.arch import SplitLayout, merge_adapter_states
 from fedshield_flwr.split.middle import MiddleServer
+from fedshield_flwr.split.noise import exposure_warning
 from fedshield_flwr.split.parts import SiloPartsPackage, build_parts_package
 from fedshield_flwr.split.protocol import PARTS_HASH_KEY, PARTS_RECORD
 from fedshield_flwr.split.relay.control import RelayControl
@@ -115,6 +116,7 @@ class SplitMode(ServerMode):
         log.info("split: server holds middle blocks %s of %d; silo-side adapter %d tensors "
                  "aggregated with %s", list(self.middle.layout.middle),
                  self.middle.layout.num_layers, len(self.template), self.settings.aggregation)
+        log.warning(exposure_warning(self.settings))  # issue 17: measured, docs/privacy.md
 
     def initial_arrays(self) -> ArrayRecord:
         # Empty: the silos start from the initial adapter of their parts package (all the same).

@@ -26,7 +26,14 @@ class SplitSettings(Section):
         ``split.activation-dtype``: wire dtype of activations and gradients.
     noise_sigma : float
         ``split.noise-sigma``: std of Gaussian noise added to each head-output token row, relative
-        to that row's mean ``|h|`` (FedSEA calibration); 0 disables it.
+        to that row's mean ``|h|`` (FedSEA calibration); 0 disables it. No privacy meaning.
+    clip_norm : float
+        ``split.clip-norm``: L2 bound C on each head-output token row before it is sent; 0 = off.
+    noise_multiplier : float
+        ``split.noise-multiplier``: Gaussian noise std on each clipped row, in units of C; with
+        ``dp_delta`` it gives the per-token epsilon (:meth:`token_epsilon`). Needs clip-norm > 0.
+    dp_delta : float
+        ``split.dp-delta``: the delta at which the per-token epsilon is stated.
     batch_window_ms : float
         ``split.batch-window-ms``: how long the server waits after the first silo's forward for
         others to join the batched middle step (ends early once every connected silo has).
@@ -60,6 +67,9 @@ class SplitSettings(Section):
     tail_layers: int = 1
     activation_dtype: str = "fp32"
     noise_sigma: float = 0.0
+    clip_norm: float = 0.0
+    noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5
     batch_window_ms: float = 200.0
     step_timeout_s: float = 300.0
     max_frame_mb: float = 64.0
@@ -85,6 +95,11 @@ class SplitSettings(Section):
                 f"use one of {', '.join(ACTIVATION_DTYPES)}",
             ),
             (s.noise_sigma >= 0, "noise-sigma", s.noise_sigma, ">= 0"),
+            (s.clip_norm >= 0, "clip-norm", s.clip_norm, ">= 0 (0 = no clipping)"),
+            (s.noise_multiplier >= 0, "noise-multiplier", s.noise_multiplier, ">= 0"),
+            (s.noise_multiplier == 0 or s.clip_norm > 0, "noise-multiplier", s.noise_multiplier,
+             "needs split.clip-norm > 0 (the noise is in units of the clipping bound)"),
+            (0 < s.dp_delta < 1, "dp-delta", s.dp_delta, "in (0, 1)"),
             (s.batch_window_ms >= 0, "batch-window-ms", s.batch_window_ms, ">= 0"),
             (s.step_timeout_s > 0, "step-timeout-s", s.step_timeout_s, "> 0"),
             (s.max_frame_mb > 0, "max-frame-mb", s.max_frame_mb, "> 0"),
@@ -100,6 +115,12 @@ class SplitSettings(Section):
         ]
         for ok, key, value, rule in checks:
             check(ok, f"split.{key}", value, rule)
+
+    def token_epsilon(self) -> float:
+        """Per-token epsilon at ``dp_delta`` of the clipped Gaussian noise (inf when off)."""
+        from fedshield_flwr.split.noise import gaussian_epsilon
+
+        return gaussian_epsilon(self.noise_multiplier, self.dp_delta)
 
     @property
     def max_frame_bytes(self) -> int:

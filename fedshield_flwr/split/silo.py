@@ -140,6 +140,7 @@ def relay_session(r: SplitRound, lr: float, seed: int, what: str
             t = r.cfg.train
             yield SiloTrainer(r.silo, link, learning_rate=lr, weight_decay=t.weight_decay,
                               max_grad_norm=t.max_grad_norm, noise_sigma=s.noise_sigma,
+                              clip_norm=s.clip_norm, noise_multiplier=s.noise_multiplier,
                               seed=seed, name=f"silo {r.node.partition_id}"), traffic
             traffic.update({RELAY_UP_KEY: float(sum(link.bytes_sent.values())),
                             RELAY_DOWN_KEY: float(sum(link.bytes_received.values()))})

@@ -39,8 +39,8 @@ from fedshield_flwr.split.arch import (
     strip_parts,
 )
 from fedshield_flwr.split.middle import MiddleServer, PendingStep
+from fedshield_flwr.split.noise import privatize_head_output
 from fedshield_flwr.split.packing import (
-    add_relative_noise,
     batch_lengths,
     generation_positions,
     pack,
@@ -207,7 +207,10 @@ class SiloTrainer:
     max_grad_norm : float
         Clip the head + tail adapter's gradient norm; 0 disables it.
     noise_sigma : float
-        Relative Gaussian noise on the head output (see :func:`add_relative_noise`).
+        Relative Gaussian noise on the head output (see :func:`privatize_head_output`).
+    clip_norm, noise_multiplier : float
+        Per-token L2 clipping of the head output and calibrated Gaussian noise in units of it
+        (``split.clip-norm``, ``split.noise-multiplier``; see :mod:`fedshield_flwr.split.noise`).
     seed : int
         Seeds the noise generator.
     name : str
@@ -220,6 +223,8 @@ class SiloTrainer:
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0
     noise_sigma: float = 0.0
+    clip_norm: float = 0.0
+    noise_multiplier: float = 0.0
     seed: int = 0
     name: str = "silo"
     step: int = 0
@@ -231,6 +236,10 @@ class SiloTrainer:
             self.silo.trainable_parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
         )
         self._gen = torch.Generator().manual_seed(self.seed)
+
+    def _privatize(self, h: torch.Tensor) -> torch.Tensor:
+        return privatize_head_output(h, self.noise_sigma, self.clip_norm, self.noise_multiplier,
+                                     self._gen)
 
     def set_learning_rate(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -256,7 +265,7 @@ class SiloTrainer:
         labels = (input_ids if labels is None else labels).masked_fill(attention_mask == 0, -100)
         silo.peft_model.train()
         h = pack(silo.head_forward(input_ids, attention_mask), lengths)
-        sent = add_relative_noise(h.detach(), self.noise_sigma, self._gen)
+        sent = self._privatize(h.detach())
         mid = self.link.forward(step, sent, lengths.tolist(), True).requires_grad_(True)
         logits = silo.tail_forward(unpack(mid, lengths, input_ids.shape[1]), attention_mask)
         loss = silo.loss(logits, labels)
@@ -283,7 +292,7 @@ class SiloTrainer:
         labels = (input_ids if labels is None else labels).masked_fill(attention_mask == 0, -100)
         silo.peft_model.eval()
         h = pack(silo.head_forward(input_ids, attention_mask), lengths)
-        h = add_relative_noise(h, self.noise_sigma, self._gen)
+        h = self._privatize(h)
         mid = self.link.forward(self.step, h, lengths.tolist(), False)
         logits = silo.tail_forward(unpack(mid, lengths, input_ids.shape[1]), attention_mask)
         return float(silo.loss(logits, labels))
@@ -316,7 +325,7 @@ class SiloTrainer:
                 new_mask, pos, w = generation_positions(seen, lens, start)
                 mask = torch.cat([mask, new_mask], dim=1)
                 h = pack(silo.head_forward(ids, mask, pos, cache), lens, left=True)
-                h = add_relative_noise(h, self.noise_sigma, self._gen)
+                h = self._privatize(h)
                 mid = self.link.generate(session, h, lens.tolist(), start)
                 logits = silo.tail_forward(unpack(mid, lens, w, left=True), mask, pos, cache)
                 nxt = logits[:, -1].argmax(-1)
