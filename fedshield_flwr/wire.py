@@ -24,7 +24,9 @@ class PayloadError(ValueError):
 def encode_arrays(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     """An ``ArrayRecord`` holding ``state`` (order preserved)."""
     return ArrayRecord(
-        OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in state.items())
+        # np.ascontiguousarray turns a 0-dim array into shape [1]; keep the shape as it is
+        OrderedDict((k, Array(np.ascontiguousarray(v).reshape(np.shape(v))))
+                    for k, v in state.items())
     )
 
 

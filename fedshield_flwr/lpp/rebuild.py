@@ -129,7 +129,8 @@ class QuantizedLMHead(nn.Module):
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:
     arr = arr if arr.flags.writeable else arr.copy()  # torch wants writeable buffers
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    # np.ascontiguousarray turns a 0-dim array (Gemma's embed_scale) into shape [1]
+    return torch.from_numpy(np.ascontiguousarray(arr).reshape(np.shape(arr)))
 
 
 def _quant_state_dict(entry: dict, pkg: QuantizedBasePackage) -> dict:

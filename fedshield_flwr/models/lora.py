@@ -38,11 +38,48 @@ class AdapterMismatchError(ValueError):
     """An adapter state does not fit the local model (names, shapes or dtype)."""
 
 
-def lora_config(model_type: str, settings: LoraSettings, base_path: str = ""):
-    """The ``peft.LoraConfig`` for a model type, with the per-architecture default targets."""
+def discover_targets(model) -> tuple[tuple[str, ...], bool]:
+    """The attention projections of ``model``'s first decoder block, found from the model.
+
+    Returns the module names (last name component, as PEFT matches them) of every ``nn.Linear``
+    or ``Conv1D`` under a submodule whose name contains ``attn`` or ``attention``, and whether
+    they are ``Conv1D`` (``fan_in_fan_out``). Raises ``ValueError`` listing the linear modules
+    found when none is an attention projection.
+    """
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    blocks = next(
+        (m for _, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n),
+        None,
+    )
+    scope = blocks[0] if blocks is not None and len(blocks) else model
+    linear = [
+        (name, m) for name, m in scope.named_modules() if isinstance(m, (nn.Linear, Conv1D))
+    ]
+    attn = [(name, m) for name, m in linear
+            if any(w in name.lower() for w in ("attn", "attention"))]
+    if not attn:
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in linear})
+        raise ValueError(
+            f"no attention projections found in model_type "
+            f"'{getattr(model.config, 'model_type', '?')}' (its linear modules: "
+            f"{', '.join(names) or 'none'}); set model.lora.target-modules to some of them"
+        )
+    targets = tuple(dict.fromkeys(name.rsplit(".", 1)[-1] for name, _ in attn))
+    return targets, any(isinstance(m, Conv1D) for _, m in attn)
+
+
+def lora_config(model_type: str, settings: LoraSettings, base_path: str = "", model=None):
+    """The ``peft.LoraConfig`` for a model type: ``model.lora.target-modules``, else the
+    per-architecture default, else the attention projections found in ``model``."""
     from peft import LoraConfig
 
     targets = settings.target_modules or DEFAULT_TARGETS.get(model_type)
+    fan_in_fan_out = model_type in FAN_IN_FAN_OUT
+    if not targets and model is not None:
+        targets, fan_in_fan_out = discover_targets(model)
     if not targets:
         raise ValueError(
             f"no default LoRA targets for model_type '{model_type}'; set "
@@ -53,7 +90,7 @@ def lora_config(model_type: str, settings: LoraSettings, base_path: str = ""):
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=list(targets),
-        fan_in_fan_out=model_type in FAN_IN_FAN_OUT,
+        fan_in_fan_out=fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_path or None,
@@ -66,7 +103,7 @@ def apply_lora(model, settings: LoraSettings, seed: int = 0, base_path: str = ""
 
     from peft import get_peft_model
 
-    cfg = lora_config(model.config.model_type, settings, base_path)
+    cfg = lora_config(model.config.model_type, settings, base_path, model=model)
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         # GPT-2's Conv1D: peft warns about fan_in_fan_out even when it is set correctly.
@@ -139,6 +176,12 @@ def export_adapter(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not settings.target_modules and model_type not in DEFAULT_TARGETS:
+        # targets found in the model (discover_targets): read them back from the tensor names
+        from dataclasses import replace
+
+        found = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state if ".lora_" in k})
+        settings = replace(settings, target_modules=tuple(found))
     lora_config(model_type, settings, base_name).save_pretrained(str(out))
     meta = {"format": "pt", **(extra_meta or {})}
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()},

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
-TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt2")
+TINY_ARCHITECTURES = (
+    "llama", "qwen2", "mistral", "gpt2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+    "gpt_neox", "opt", "falcon", "olmo2",
+)
 TINY_VOCAB = 512
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
@@ -50,23 +53,49 @@ def build_tiny_tokenizer():
 
 
 def tiny_config(arch: str, vocab_size: int = TINY_VOCAB):
-    """A small config of architecture ``arch`` (2 layers, hidden 64)."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    """A small config of architecture ``arch`` (4 layers, hidden 64), built with ``AutoConfig``.
+
+    Each family keeps what makes it different: Gemma's scaled embeddings and tied head, Gemma 2/3
+    sliding-window layers and soft-capping, Gemma 3's per-layer rotary, Phi-3's fused qkv,
+    GPT-NeoX's and Falcon's parallel blocks, GPT-2's ``Conv1D`` and learned positions, OPT's
+    learned positions with biases.
+    """
+    from transformers import AutoConfig
 
     common = dict(vocab_size=vocab_size, tie_word_embeddings=False)
     decoder = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, **common,
     )
-    if arch == "llama":
-        return LlamaConfig(**decoder)
-    if arch == "qwen2":
-        return Qwen2Config(**decoder)
-    if arch == "mistral":
-        return MistralConfig(**decoder, sliding_window=None)
-    if arch == "gpt2":
-        return GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=256, **common)
-    raise ValueError(f"unknown tiny architecture '{arch}'; known: {', '.join(TINY_ARCHITECTURES)}")
+    sliding = dict(sliding_window=4, layer_types=[
+        "sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    configs = {
+        "llama": dict(decoder),
+        "qwen2": dict(decoder),
+        "mistral": dict(decoder, sliding_window=None),
+        "qwen3": dict(decoder, head_dim=16),
+        "olmo2": dict(decoder),
+        "gemma": dict(decoder, head_dim=16, tie_word_embeddings=True),
+        "gemma2": dict(decoder, head_dim=16, tie_word_embeddings=True, **sliding,
+                       query_pre_attn_scalar=16),
+        "gemma3_text": dict(decoder, head_dim=16, tie_word_embeddings=True, **sliding,
+                            query_pre_attn_scalar=16, rope_local_base_freq=10000.0),
+        "phi3": dict(decoder, pad_token_id=0),
+        "gpt2": dict(n_embd=64, n_layer=4, n_head=4, n_positions=256, **common),
+        "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, max_position_embeddings=256,
+                         use_parallel_residual=True, **common),
+        "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
+                    max_position_embeddings=256, word_embed_proj_dim=64, **common),
+        "falcon": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       new_decoder_architecture=False, parallel_attn=True, bias=True,
+                       alibi=False, max_position_embeddings=256, **common),
+    }
+    if arch not in configs:
+        raise ValueError(
+            f"unknown tiny architecture '{arch}'; known: {', '.join(TINY_ARCHITECTURES)}"
+        )
+    return AutoConfig.for_model(arch, **configs[arch])
 
 
 def build_tiny_model(arch: str, seed: int = 0):

@@ -2,20 +2,28 @@
 
 A decoder with ``L`` blocks is cut at ``split.head-layers`` (k) and ``split.tail-layers`` (m):
 
-* the **silo** keeps the embeddings (and GPT-2's learned positions) + blocks ``[0, k)`` (head) and
+* the **silo** keeps the embeddings (and any learned positions) + blocks ``[0, k)`` (head) and
   blocks ``[L-m, L)`` + the final norm + the LM head (tail);
 * the **server** keeps blocks ``[k, L-m)`` (middle) and never the embeddings nor the LM head.
 
-:class:`Arch` finds the pieces of a supported model; :class:`SplitLayout` says where the cut is;
-:func:`run_blocks` runs a range of blocks with the model's own rotary embedding and causal-mask
-builders, so a split forward is the unsplit forward, cut in three. The silo's part is
-:mod:`.silo_model`, the server's :mod:`.middle`, what crosses between them :mod:`.packing`.
+:class:`Arch` finds the pieces in the model itself (no per-family table): the decoder's
+``ModuleList`` of ``num_hidden_layers`` blocks, the module that owns it (the backbone), the
+embedding, the LM head. :func:`run_blocks` runs a range of blocks *through the model's own
+forward*: the backbone builds its masks (causal, sliding window, per-layer types), position
+embeddings (rotary, per-layer rotary, learned, ALiBi) and embedding scaling exactly as it does
+unsplit, the blocks outside the range are skipped, the input of the first block in the range is
+replaced by the hidden states that arrived, and the run stops after the last block. So a split
+forward is the unsplit forward, cut in three, for every family ``transformers`` ships in that
+shape. The silo's part is :mod:`.silo_model`, the server's :mod:`.middle`, what crosses between
+them :mod:`.packing`.
 """
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import hashlib
+import inspect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,49 +39,113 @@ from fedshield_flwr.models.lora import (
     apply_lora,
 )
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+# While a split run is inside the model's forward, a module this party does not hold returns a
+# zero scalar instead of raising: the model computes e.g. learned positions before its first
+# block, and :func:`run_blocks` discards whatever reaches a block before its range.
+_IN_SPLIT_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("split_run", default=False)
 
 
 class SplitError(RuntimeError):
     """The model cannot be split as configured, or a split step failed; says what to change."""
 
 
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
 @dataclass
 class Arch:
-    """Where the pieces of a supported causal LM live (attributes of the HF model)."""
+    """Where the pieces of a decoder-only causal LM live, found from the model itself.
+
+    Attributes
+    ----------
+    config : the (text) config
+    model_type : str
+    backbone : nn.Module
+        The module whose forward embeds, runs the blocks and applies the final norm.
+    layers : nn.ModuleList
+        The decoder blocks (``config.num_hidden_layers`` of them).
+    layers_attr : str
+        The attribute of ``backbone`` that holds ``layers``.
+    causal_lm : nn.Module
+        The ``...ForCausalLM`` model (LM head, logit scaling, loss).
+    layer_types : list of str
+        ``config.layer_types`` or ``full_attention`` per block (informative).
+    cache_kwarg : str
+        How the backbone's forward names its KV cache (``cache`` or ``past_key_values``).
+    """
 
     config: Any
     model_type: str
-    backbone: nn.Module  # model.model or model.transformer
+    backbone: nn.Module
     layers: nn.ModuleList
+    layers_attr: str
     causal_lm: nn.Module
     layer_types: list[str]
+    cache_kwarg: str = "cache"
 
     @classmethod
     def of(cls, model: nn.Module) -> Arch:
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-        config = hf.config
-        mt = config.model_type
-        if mt not in SUPPORTED_MODEL_TYPES:
+        config = _text_config(hf.config)
+        mt = getattr(hf.config, "model_type", type(hf).__name__)
+        looked = (
+            "a decoder-only causal LM: a ModuleList of config.num_hidden_layers decoder blocks, "
+            "input embeddings and an LM head"
+        )
+        if getattr(hf.config, "is_encoder_decoder", False):
             raise SplitError(
-                f"split mode does not support model_type '{mt}' yet (supported: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}); choose another model.name or strategy"
+                f"split mode needs {looked}; model_type '{mt}' is an encoder-decoder model; "
+                "choose a decoder-only model.name or another strategy"
             )
-        backbone = hf.transformer if mt == "gpt2" else hf.model
-        layers = backbone.h if mt == "gpt2" else backbone.layers
-        n = config.num_hidden_layers
-        if mt == "mistral":
-            kind = (
-                "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+        n = getattr(config, "num_hidden_layers", None)
+        found = None
+        for name, module in hf.named_modules():
+            if isinstance(module, nn.ModuleList) and n and len(module) == n and name:
+                # the shallowest such list is the decoder's (a vision tower sits deeper or has
+                # another length); several at the same depth means a multimodal stack
+                depth = name.count(".")
+                if found is None or depth < found[0]:
+                    found = (depth, name, module)
+                elif depth == found[0]:
+                    found = (depth, None, None)
+        if found is None or found[1] is None:
+            what = "no" if found is None else "more than one"
+            raise SplitError(
+                f"split mode needs {looked}; model_type '{mt}' has {what} ModuleList of "
+                f"num_hidden_layers={n} blocks (multimodal or unusual layout); choose a "
+                "decoder-only model.name or another strategy"
             )
-            types = [kind] * n
-        else:
-            types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
-        return cls(config, mt, backbone, layers, hf, types)
+        _, name, layers = found
+        parent_name, _, attr = name.rpartition(".")
+        backbone = hf.get_submodule(parent_name) if parent_name else hf
+        if backbone is hf or hf.get_output_embeddings() is None:
+            raise SplitError(
+                f"split mode needs {looked}; model_type '{mt}' has no LM head "
+                "(get_output_embeddings) or no backbone module above its blocks; choose a "
+                "...ForCausalLM model or another strategy"
+            )
+        if hf.get_input_embeddings() is None:
+            raise SplitError(f"split mode needs {looked}; model_type '{mt}' has no input embeddings")
+        params = inspect.signature(type(backbone).forward).parameters
+        if "inputs_embeds" not in params:
+            raise SplitError(
+                f"split mode needs {looked}; the forward of {type(backbone).__name__} takes no "
+                "inputs_embeds, so the server cannot feed it hidden states"
+            )
+        cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
+        return cls(config, mt, backbone, layers, attr, hf, types, cache_kwarg)
 
-    @property
-    def is_gpt2(self) -> bool:
-        return self.model_type == "gpt2"
+    def silo_only_modules(self) -> list[str]:
+        """Attributes of the backbone that hold weights and are not the blocks: embeddings,
+        learned positions, the final norm (the server never holds them)."""
+        return [
+            name
+            for name, m in self.backbone.named_children()
+            if m is not self.layers and any(True for _ in m.parameters())
+        ]
 
 
 class Absent(nn.Module):
@@ -84,7 +156,66 @@ class Absent(nn.Module):
         self.what, self.party = what, party
 
     def forward(self, *args, **kwargs):
+        if _IN_SPLIT_RUN.get():
+            return torch.zeros(())
         raise SplitError(f"the {self.party} does not hold {self.what} in split mode")
+
+
+class _Skip(nn.Module):
+    """A block outside the range being run: passes its input on untouched.
+
+    Returns a 1-tuple, which works both for forwards that take ``block(...)[0]`` (Falcon, Bloom)
+    and for those that keep the return value (its content is replaced at the range's start).
+    """
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,)
+
+
+class _Stop(Exception):
+    def __init__(self, output):
+        super().__init__("split run stopped after its last block")
+        self.output = output
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def new_kv_cache(config):
+    """A KV cache whose length queries go to a block this party runs.
+
+    The model asks the cache for its length at layer 0 (or its first full-attention layer) to
+    build masks and positions; on the server layer 0 is never written. :func:`run_blocks` sets
+    ``held`` to the blocks being run and such queries are answered by the first held block of the
+    same kind (sliding or full).
+    """
+    from transformers import DynamicCache
+
+    class _PartyCache(DynamicCache):
+        held: range | None = None
+
+        def _map(self, layer_idx: int) -> int:
+            held = self.held
+            if held is None or layer_idx in held or not len(held):
+                return layer_idx
+            sliding = getattr(self, "is_sliding", None)
+            if sliding is not None and layer_idx < len(sliding):
+                for j in held:
+                    if j < len(sliding) and sliding[j] == sliding[layer_idx]:
+                        return j
+            return held.start
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return super().get_seq_length(self._map(layer_idx))
+
+        def get_mask_sizes(self, query_length, layer_idx):
+            return super().get_mask_sizes(query_length, self._map(layer_idx))
+
+        def get_query_offset(self, layer_idx: int = 0):
+            return super().get_query_offset(self._map(layer_idx))
+
+    return _PartyCache(config=config)
 
 
 @dataclass(frozen=True)
@@ -160,6 +291,73 @@ class SplitLayout:
         )
 
 
+def _run(
+    arch: Arch,
+    module: nn.Module,
+    indices: range,
+    h: torch.Tensor | None,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache,
+    input_ids: torch.Tensor | None = None,
+):
+    """Call ``module`` (the backbone or the causal LM) with only blocks ``indices`` live.
+
+    With ``h``, the first block of the range takes ``h`` as its input; the run stops after the
+    last block unless that is the model's last (then ``module``'s output is returned whole).
+    """
+    n = len(arch.layers)
+    live = nn.ModuleList(
+        [arch.layers[i] if i in indices else _Skip() for i in range(n)]
+    )
+    hooks = []
+    if h is not None:
+        def substitute(_mod, args, kwargs):
+            if args:
+                return (h, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": h}
+
+        hooks.append(
+            arch.layers[indices.start].register_forward_pre_hook(substitute, with_kwargs=True)
+        )
+    stop = indices.stop < n
+    if stop:
+        def finish(_mod, _args, out):
+            raise _Stop(_first(out))
+
+        hooks.append(arch.layers[indices.stop - 1].register_forward_hook(finish))
+    if cache is not None and hasattr(cache, "held"):
+        cache.held = indices
+    kwargs = {
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        arch.cache_kwarg: cache,
+        "use_cache": cache is not None,
+        "return_dict": True,
+    }
+    if input_ids is not None:
+        kwargs["input_ids"] = input_ids
+    else:
+        kwargs["inputs_embeds"] = h
+    original = getattr(arch.backbone, arch.layers_attr)
+    token = _IN_SPLIT_RUN.set(True)
+    try:
+        setattr(arch.backbone, arch.layers_attr, live)
+        out = module(**kwargs)
+    except _Stop as s:
+        return s.output
+    finally:
+        _IN_SPLIT_RUN.reset(token)
+        setattr(arch.backbone, arch.layers_attr, original)
+        for hk in hooks:
+            hk.remove()
+        if cache is not None and hasattr(cache, "held"):
+            cache.held = None
+    if stop:
+        raise SplitError(f"the model's forward did not reach block {indices.stop - 1}")
+    return out
+
+
 def run_blocks(
     arch: Arch,
     indices: range,
@@ -168,65 +366,41 @@ def run_blocks(
     position_ids: torch.Tensor,
     cache=None,
 ) -> torch.Tensor:
-    """Run decoder blocks ``indices`` of ``arch`` on padded ``h`` with the model's own masks."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    """Run decoder blocks ``indices`` of ``arch`` on padded ``h`` with the model's own masks,
+    position embeddings and per-layer attention kinds (through the backbone's forward)."""
+    return _run(arch, arch.backbone, indices, h, attention_mask, position_ids, cache)
 
-    builders = {
-        "full_attention": create_causal_mask,
-        "sliding_attention": create_sliding_window_causal_mask,
-    }
-    masks: dict[str, Any] = {}
-    for i in indices:
-        t = arch.layer_types[i]
-        if t not in masks:
-            if t not in builders:
-                raise SplitError(f"layer type '{t}' of block {i} is not supported in split mode")
-            masks[t] = builders[t](
-                config=arch.config,
-                inputs_embeds=h,
-                attention_mask=attention_mask,
-                past_key_values=cache,
-                position_ids=position_ids,
-                layer_idx=i,
-            )
-    use_cache = cache is not None
-    if arch.is_gpt2:
-        for i in indices:
-            h = arch.layers[i](
-                h,
-                cache,
-                masks[arch.layer_types[i]],
-                None,
-                use_cache=use_cache,
-                position_ids=position_ids,
-            )
-            h = h[0] if isinstance(h, tuple) else h
-        return h
-    pe = arch.backbone.rotary_emb(h, position_ids)
-    for i in indices:
-        h = arch.layers[i](
-            h,
-            attention_mask=masks[arch.layer_types[i]],
-            position_embeddings=pe,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=use_cache,
-        )
-        h = h[0] if isinstance(h, tuple) else h
-    return h
+
+def run_head(
+    arch: Arch,
+    indices: range,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache=None,
+) -> torch.Tensor:
+    """Embeddings (scaled, with learned positions where the model has them) + blocks
+    ``indices`` (which must start at 0), exactly as the backbone's forward computes them."""
+    return _run(arch, arch.backbone, indices, None, attention_mask, position_ids, cache, input_ids)
+
+
+def run_tail(
+    arch: Arch,
+    indices: range,
+    h: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache=None,
+) -> torch.Tensor:
+    """Blocks ``indices`` (ending at the last) + final norm + LM head + the model's own logit
+    scaling or soft-capping: logits ``[B, T, V]``."""
+    out = _run(arch, arch.causal_lm, indices, h, attention_mask, position_ids, cache)
+    return out.logits
 
 
 def embed(arch: Arch, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    if arch.is_gpt2:
-        b = arch.backbone
-        return b.drop(b.wte(input_ids) + b.wpe(position_ids))
-    return arch.backbone.embed_tokens(input_ids)
-
-
-def new_kv_cache(config):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=config)
+    """The token embeddings alone (no scaling, no positions); :func:`run_head` does both."""
+    return arch.causal_lm.get_input_embeddings()(input_ids)
 
 
 def strip_parts(arch: Arch, layout: SplitLayout, keep: str) -> None:
@@ -237,16 +411,17 @@ def strip_parts(arch: Arch, layout: SplitLayout, keep: str) -> None:
     else:
         for i in (*layout.head, *layout.tail):
             arch.layers[i] = Absent(f"block {i}", "server")
-        b = arch.backbone
-        if arch.is_gpt2:
-            b.wte, b.wpe, b.ln_f = (
-                Absent(w, "server")
-                for w in ("the embeddings", "the position embeddings", "the final norm")
-            )
-        else:
-            b.embed_tokens = Absent("the embeddings", "server")
-            b.norm = Absent("the final norm", "server")
-        arch.causal_lm.lm_head = Absent("the LM head", "server")
+        emb = arch.causal_lm.get_input_embeddings()
+        for name in arch.silo_only_modules():
+            what = ("the embeddings" if getattr(arch.backbone, name) is emb
+                    else f"the backbone's '{name}'")
+            setattr(arch.backbone, name, Absent(what, "server"))
+        lm = arch.causal_lm
+        head_name = next(
+            (n for n, m in lm.named_children() if m is lm.get_output_embeddings()), None
+        )
+        if head_name is not None:
+            setattr(lm, head_name, Absent("the LM head", "server"))
     gc.collect()
 
 

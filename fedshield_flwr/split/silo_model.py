@@ -33,9 +33,9 @@ from fedshield_flwr.split.arch import (
     SplitError,
     SplitLayout,
     build_peft,
-    embed,
     new_kv_cache,
-    run_blocks,
+    run_head,
+    run_tail,
     strip_parts,
 )
 from fedshield_flwr.split.middle import MiddleServer, PendingStep
@@ -114,8 +114,9 @@ class SplitSilo:
     ) -> torch.Tensor:
         """Embeddings + head blocks on a padded batch: ``[B, T, H]``."""
         position_ids = _positions(input_ids, position_ids)
-        h = embed(self._arch, input_ids, position_ids)
-        return run_blocks(self._arch, self.layout.head, h, attention_mask, position_ids, cache)
+        return run_head(
+            self._arch, self.layout.head, input_ids, attention_mask, position_ids, cache
+        )
 
     def tail_forward(
         self,
@@ -126,10 +127,7 @@ class SplitSilo:
     ) -> torch.Tensor:
         """Tail blocks + final norm + LM head on a padded batch: logits ``[B, T, V]``."""
         position_ids = _positions(h, position_ids)
-        h = run_blocks(self._arch, self.layout.tail, h, attention_mask, position_ids, cache)
-        b = self._arch.backbone
-        h = b.ln_f(h) if self._arch.is_gpt2 else b.norm(h)
-        return self._arch.causal_lm.lm_head(h)
+        return run_tail(self._arch, self.layout.tail, h, attention_mask, position_ids, cache)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The model's own causal-LM loss (shifted, ignore_index -100, mean over tokens)."""
