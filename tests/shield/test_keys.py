@@ -139,3 +139,18 @@ def test_shield_params_allow_1024_silos_with_headroom_and_refuse_more():
     import pytest as _pytest
     with _pytest.raises(KeysetError, match="max_silos 1025"):
         ShieldParams(max_silos=1025)
+
+
+def test_server_refuses_an_update_past_the_keysets_max_silos():
+    from fedshield_flwr.shield import PayloadError
+    from fedshield_flwr.shield.params import ShieldParams
+
+    silo, server = generate_keyset(ShieldParams(max_silos=2))
+    acc = RoundAccumulator(server, 1)
+    for name in ("a", "b"):
+        payload, _ = encrypt_update(silo, make_update(0), server_round=1, silo=name, weight=1.0)
+        acc.add(payload, silo=name)
+    payload, _ = encrypt_update(silo, make_update(0), server_round=1, silo="c", weight=1.0)
+    with pytest.raises(PayloadError, match="silo c .*round 1.*max_silos=2"):
+        acc.add(payload, silo="c")
+    assert acc.silos == ("a", "b")
