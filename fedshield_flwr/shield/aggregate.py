@@ -87,6 +87,12 @@ class RoundAccumulator:
                 f"silo {silo} replied twice in round {rnd}; the duplicate was ignored (the sum "
                 "already holds its first reply)", silo=silo, round=rnd)
         params = self.keyset.params
+        if len(self._silos) >= params.max_silos:
+            raise PayloadError(
+                f"silo {silo} sent update number {len(self._silos) + 1} in round {rnd} but the "
+                f"keyset {self.keyset.key_id} sums at most max_silos={params.max_silos} updates "
+                "without overflow; it was ignored (provision a keyset with a larger max_silos, "
+                "up to 1024, or sample fewer silos per round)", silo=silo, round=rnd)
         payload = decode_payload(data, params=params, key_id=self.keyset.key_id,
                                  modulus=self.keyset.modulus, kinds=("update",), sender=silo,
                                  expected_round=rnd)

@@ -21,6 +21,9 @@ from fedshield_flwr.shield.errors import KeysetError
 HE_STANDARD_128: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438,
                                    32768: 881}
 SEAL_MAX_PRIME_BITS = 60  # SEAL's CoeffModulus::Create limit per prime
+# The server reduces its uint64 running sum mod q every floor((2**64 - 1) / q) updates (1024 for
+# the default 54-bit prime); 1024 silos at the default scale keep a headroom of ~181 per value.
+MAX_SILOS_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,8 @@ class ShieldParams:
                 f"scale_bits {s} is invalid for a {q}-bit prime; use 20 <= scale_bits <= "
                 f"{q - 8} (the rest is headroom for sums over silos)"
             )
-        if not 1 <= self.max_silos <= 1000:
-            raise KeysetError(f"max_silos {self.max_silos} must be in [1, 1000]")
+        if not 1 <= self.max_silos <= MAX_SILOS_LIMIT:
+            raise KeysetError(f"max_silos {self.max_silos} must be in [1, {MAX_SILOS_LIMIT}]")
         if self.value_bound < 1.0:
             raise KeysetError(
                 f"scale_bits {s} with a {q}-bit prime and max_silos {self.max_silos} leaves a "

@@ -127,3 +127,30 @@ def test_corrupt_keyset_file_is_refused(keys):
         ServerKeyset.from_bytes(bytes(raw))
     with pytest.raises(KeysetError, match="not a fedshield keyset"):
         ServerKeyset.from_bytes(b"not a keyset at all")
+
+
+def test_shield_params_allow_1024_silos_with_headroom_and_refuse_more():
+    from fedshield_flwr.shield.errors import KeysetError
+    from fedshield_flwr.shield.params import ShieldParams
+
+    p = ShieldParams(max_silos=1024)
+    assert p.value_bound > 100.0  # default scale kept: precision unchanged, headroom ~181
+    assert ShieldParams().value_bound / p.value_bound == 16.0
+    import pytest as _pytest
+    with _pytest.raises(KeysetError, match="max_silos 1025"):
+        ShieldParams(max_silos=1025)
+
+
+def test_server_refuses_an_update_past_the_keysets_max_silos():
+    from fedshield_flwr.shield import PayloadError
+    from fedshield_flwr.shield.params import ShieldParams
+
+    silo, server = generate_keyset(ShieldParams(max_silos=2))
+    acc = RoundAccumulator(server, 1)
+    for name in ("a", "b"):
+        payload, _ = encrypt_update(silo, make_update(0), server_round=1, silo=name, weight=1.0)
+        acc.add(payload, silo=name)
+    payload, _ = encrypt_update(silo, make_update(0), server_round=1, silo="c", weight=1.0)
+    with pytest.raises(PayloadError, match="silo c .*round 1.*max_silos=2"):
+        acc.add(payload, silo="c")
+    assert acc.silos == ("a", "b")
