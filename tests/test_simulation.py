@@ -181,3 +181,24 @@ def test_a_failed_run_exits_non_zero_with_the_error_last_and_says_failed_in_metr
     doc = json.loads(((tmp_path / "latest").resolve() / "metrics.json").read_text())
     assert doc["status"] == "failed" and doc["rounds"] == []
     assert doc["error"] in last[-1]
+
+
+# Every mode on a non-Llama family, one round each: together four families beyond Llama (the
+# per-family unit tests are tests/split/test_architectures.py and tests/lpp/test_architectures.py).
+# These are the failures a new user met: lpp on Gemma (a 0-dim buffer), split on Gemma (refused).
+ARCH_TINY = ("train.max-steps=2 train.batch-size=4 train.progress=false "
+             "data.max-eval-examples=8 data.max-length=64 num-server-rounds=1")
+
+
+@pytest.mark.parametrize("mode,family", [
+    ("split", "gemma"), ("lpp", "gemma2"), ("shield", "gpt_neox"), ("fedavg", "phi3"),
+])
+def test_a_mode_completes_a_round_on_a_non_llama_family(superlink, tmp_path, mode, family):
+    out = superlink.flwr_run(f"{ARCH_TINY} model.name='tiny:{family}' strategy.name='{mode}' "
+                             f"results.dir='{tmp_path}'", num_supernodes=2, checked=True)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    doc = json.loads(((tmp_path / "latest").resolve() / "metrics.json").read_text())
+    assert doc["status"] == "completed", doc.get("error")
+    rounds = doc["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[1]["eval_loss"] > 0 and rounds[1].get("failures", 0) == 0
