@@ -294,6 +294,44 @@ class EvalSettings(Section):
         check(self.max_examples > 0, "eval.max-examples", self.max_examples, "> 0")
 
 
+@dataclass(frozen=True)
+class DpSettings(Section):
+    """Differential privacy of what the silos release (:mod:`fedshield_flwr.dp`).
+
+    ``record``: DP-SGD at every silo (each site protects its own rows). ``client``: each silo's
+    whole update is clipped and noised (many-silo federations). Give a target ``epsilon`` (the
+    noise multiplier is computed for the planned rounds) or a ``noise_multiplier`` directly.
+    """
+
+    prefix: ClassVar[str] = "dp"
+    level: str = "none"  # none | record | client
+    epsilon: float = 0.0  # target epsilon over the whole run (0 = unset: give noise-multiplier)
+    noise_multiplier: float = 0.0  # noise std / clipping norm (0 = computed from epsilon)
+    max_grad_norm: float = 1.0  # per-sample (record) or per-update (client) clipping norm
+    delta: float = 0.0  # 0 = 1 / records (record level) or 1 / silos (client level)
+    stop_at_budget: bool = False  # end the run before the round that would pass epsilon
+
+    def validate(self) -> None:
+        check(self.level in ("none", "record", "client"), "dp.level", self.level,
+              "use none, record or client")
+        check(self.epsilon >= 0, "dp.epsilon", self.epsilon,
+              "a privacy budget must be > 0 (0 leaves it unset)")
+        check(self.noise_multiplier >= 0, "dp.noise-multiplier", self.noise_multiplier, ">= 0")
+        check(self.max_grad_norm > 0, "dp.max-grad-norm", self.max_grad_norm, "> 0")
+        check(0 <= self.delta < 1, "dp.delta", self.delta,
+              "must be in (0, 1), typically below 1/records (0 = that default)")
+        if self.level != "none":
+            check(self.epsilon > 0 or self.noise_multiplier > 0, "dp.epsilon", self.epsilon,
+                  f"dp.level={self.level!r} needs a target dp.epsilon > 0 or a "
+                  "dp.noise-multiplier > 0")
+        check(not self.stop_at_budget or self.epsilon > 0, "dp.stop-at-budget",
+              self.stop_at_budget, "needs a budget: set dp.epsilon > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.level != "none"
+
+
 # Keys outside any section: (key, field of RunConfig, type, default).
 _TOP_LEVEL: tuple[tuple[str, str, type, Any], ...] = (
     ("num-server-rounds", "num_server_rounds", int, 3),
@@ -303,7 +341,8 @@ _TOP_LEVEL: tuple[tuple[str, str, type, Any], ...] = (
     ("resume-from", "resume_from", str, "latest"),
 )
 _CORE_SECTIONS: tuple[type[Section], ...] = (StrategySettings, ModelSettings, DataSettings,
-                                             TrainSettings, TrackingSettings, EvalSettings)
+                                             TrainSettings, TrackingSettings, EvalSettings,
+                                             DpSettings)
 
 
 @dataclass(frozen=True)
@@ -315,6 +354,7 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    dp: DpSettings = field(default_factory=DpSettings)
     results_dir: str = "results"
     checkpoint_every: int = 1
     resume: bool = False
@@ -343,10 +383,14 @@ class RunConfig:
         cfg = cls(strategy=StrategySettings.from_flat(flat), model=ModelSettings.from_flat(flat),
                   data=DataSettings.from_flat(flat), train=TrainSettings.from_flat(flat),
                   tracking=TrackingSettings.from_flat(flat), eval=EvalSettings.from_flat(flat),
-                  extra={k: v for k, v in flat.items() if k not in known},
+                  dp=DpSettings.from_flat(flat), extra={k: v for k, v in flat.items() if k not in known},
                   **top)
         check(cfg.num_server_rounds >= 1, "num-server-rounds", cfg.num_server_rounds, ">= 1")
         check(cfg.checkpoint_every >= 1, "checkpoint.every", cfg.checkpoint_every, ">= 1")
+        check(not (cfg.dp.level == "client" and cfg.strategy.name == "split"), "dp.level",
+              cfg.dp.level, "split cannot honour client-level DP (the server trains the middle "
+              "of the network on every silo's activations); use dp.level='record' for the "
+              "silo-side adapters")
         return cfg
 
     @staticmethod

@@ -28,3 +28,41 @@ def test_budget_stop_round_is_the_last_within_target():
     assert 0 < last < 50
     assert epsilon_after(sigma, 1e-4, q, last * steps) <= 3.0
     assert epsilon_after(sigma, 1e-4, q, (last + 1) * steps) > 3.0
+
+
+# ---- the dp.* run config ----
+
+import pytest as _pytest  # noqa: E402
+
+from fedshield_flwr.config import ConfigError, RunConfig, default_flat_config  # noqa: E402
+
+
+def _cfg(**keys):
+    flat = default_flat_config()
+    flat.update(keys)
+    return RunConfig.from_flat(flat)
+
+
+def test_dp_defaults_are_off_and_match_pyproject():
+    cfg = _cfg()
+    assert cfg.dp.level == "none" and not cfg.dp.enabled
+    assert cfg.dp.max_grad_norm == 1.0
+
+
+@_pytest.mark.parametrize("keys, named", [
+    ({"dp.level": "row"}, "dp.level"),
+    ({"dp.level": "record", "dp.epsilon": -1.0}, "dp.epsilon"),
+    ({"dp.level": "record"}, "dp.epsilon"),  # neither a budget nor a noise multiplier
+    ({"dp.level": "record", "dp.epsilon": 2.0, "dp.delta": 1.0}, "dp.delta"),
+    ({"dp.level": "record", "dp.epsilon": 2.0, "dp.max-grad-norm": 0.0}, "dp.max-grad-norm"),
+    ({"dp.stop-at-budget": True}, "dp.stop-at-budget"),
+    ({"dp.level": "client", "dp.epsilon": 2.0, "strategy.name": "split"}, "dp.level"),
+])
+def test_dp_config_errors_name_the_key(keys, named):
+    with _pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        _cfg(**keys)
+
+
+def test_dp_record_with_a_budget_is_accepted():
+    cfg = _cfg(**{"dp.level": "record", "dp.epsilon": 4.0, "strategy.name": "split"})
+    assert cfg.dp.enabled and cfg.dp.epsilon == 4.0
