@@ -34,8 +34,15 @@ def _run(superlink, results: Path, extra: str = "", rounds: int = 2):
     return out
 
 
-def test_fedavg_simulation_writes_complete_results(superlink, tmp_path):
-    out = _run(superlink, tmp_path)
+@pytest.fixture(scope="module")
+def fedavg_run(superlink, tmp_path_factory):
+    """One 2-round fedavg run: its results are checked, then copied and resumed."""
+    results = tmp_path_factory.mktemp("fedavg")
+    return _run(superlink, results), results
+
+
+def test_fedavg_simulation_writes_complete_results(fedavg_run):
+    out, tmp_path = fedavg_run
     assert "[round 2/2]" in out.stdout  # per-round progress on the terminal
     run = (tmp_path / "latest").resolve()
     assert (tmp_path / "latest").is_symlink() and run.parent == tmp_path
@@ -61,26 +68,26 @@ def test_fedavg_simulation_writes_complete_results(superlink, tmp_path):
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
-def test_resume_continues_from_the_last_checkpoint_identically(superlink, tmp_path):
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    _run(superlink, straight, rounds=3)
-    _run(superlink, broken, rounds=3)
-    # Simulate a crash right after round 2: drop what round 3 wrote.
-    run = (broken / "latest").resolve()
-    (run / "checkpoints" / "round-0003.safetensors").unlink()
+def test_resume_continues_from_the_last_checkpoint_identically(superlink, fedavg_run, tmp_path):
+    shutil.copytree(fedavg_run[1], tmp_path, symlinks=True, dirs_exist_ok=True)
+    run = (tmp_path / "latest").resolve()
+    assert run.parent == tmp_path
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    straight = load_file(str(adapter))  # what the uninterrupted run ended with
+    # Simulate a crash right after round 1: drop what round 2 wrote.
+    (run / "checkpoints" / "round-0002.safetensors").unlink()
     (run / "checkpoints" / "latest.json").write_text(
-        json.dumps({"round": 2, "file": "round-0002.safetensors"}))
+        json.dumps({"round": 1, "file": "round-0001.safetensors"}))
     shutil.rmtree(run / "adapter")
     # resume-from names the run (here the one "latest" points to): a declared key, so it
     # passes `flwr run --run-config`, which refuses keys pyproject.toml does not declare
-    out = _run(superlink, broken, extra=f"resume=true resume-from='{run.name}'", rounds=3)
+    out = _run(superlink, tmp_path, extra=f"resume=true resume-from='{run.name}'", rounds=2)
     assert "resuming run" in out.stdout
     assert [r["round"] for r in json.loads((run / "metrics.json").read_text())["rounds"]] == [
-        0, 1, 2, 3]
-    a = load_file(str((straight / "latest").resolve() / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+        0, 1, 2]
+    resumed = load_file(str(adapter))
+    assert straight.keys() == resumed.keys()
+    assert all(np.array_equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_shield_simulation_aggregates_ciphertexts_and_silos_export(superlink, tmp_path):
