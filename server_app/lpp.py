@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord
 
 from fedshield_flwr.config import RunConfig
 from fedshield_flwr.lpp.adapter import prepare_global_adapter
-from fedshield_flwr.lpp.margin import server_eval_rows
+from fedshield_flwr.lpp.margin import margin_warning, server_eval_rows
 from fedshield_flwr.lpp.package import load_or_build_package
 from fedshield_flwr.lpp.quantize import assert_no_full_precision_weights, package_nbytes
 from fedshield_flwr.lpp.rebuild import build_model_from_package
@@ -86,6 +86,10 @@ class LppMode(ServerMode):
         log.info("[round %d] IP margin: server model loss %.4f, silo proxy %.4f (+%.4f nats, "
                  "ppl x%.3f) on %d held-out rows", server_round, full.loss, proxy.loss,
                  proxy.loss - full.loss, proxy.perplexity / full.perplexity, len(self._rows))
+        warning = margin_warning(server_round, proxy.loss - full.loss,
+                                 self.settings.min_ip_margin)
+        if warning:
+            log.warning(warning)
         return {
             "server_eval_loss": full.loss,
             "server_eval_perplexity": full.perplexity,

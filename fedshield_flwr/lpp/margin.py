@@ -106,6 +106,21 @@ def ip_margin(
                     silo=evaluate_lm_loss(silo_model, batches))
 
 
+def margin_warning(server_round: int, loss_gap: float, min_margin: float) -> str | None:
+    """The owner's warning when a silo's proxy is within ``min_margin`` nats of the full model.
+
+    ``None`` when the margin holds (or ``min_margin`` is 0). The remedies are the knobs that
+    widen it: a coarser base (``lpp.clip-search=false``, a larger ``lpp.base-blocksize``) or
+    fewer adapter bits.
+    """
+    if min_margin <= 0 or loss_gap >= min_margin:
+        return None
+    return (f"[round {server_round}] lpp IP margin {loss_gap:+.4f} nats is below "
+            f"lpp.min-ip-margin={min_margin:g}: a silo's proxy (quantized base + k-bit adapter) "
+            f"is almost as good as the owner's model; widen it with lpp.clip-search=false, a "
+            f"larger lpp.base-blocksize or a smaller lpp.adapter-bits, or lower the threshold")
+
+
 def server_eval_rows(cfg: RunConfig, s: LppSettings, tokenizer, model_path: str) -> list[dict]:
     """Tokenized held-out rows the server evaluates on every round.
 

@@ -30,6 +30,7 @@ class LppSettings(Section):
     eval_data: str = ""  # server's held-out set: file/dir/hub name; "" = simulated silos' splits
     eval_partitions: int = 3  # with eval_data == "": how many simulated silos to rebuild
     server_eval: bool = True  # measure the IP margin (full vs silo proxy) every round
+    min_ip_margin: float = 0.05  # nats: warn when the silo proxy gets closer than this
 
     def validate(self) -> None:
         check(self.quant_type in QUANT_TYPES, "lpp.quant-type", self.quant_type,
@@ -43,6 +44,8 @@ class LppSettings(Section):
         check(self.server_lr > 0 and math.isfinite(self.server_lr), "lpp.server-lr",
               self.server_lr, "finite and > 0")
         check(self.eval_partitions >= 1, "lpp.eval-partitions", self.eval_partitions, ">= 1")
+        check(math.isfinite(self.min_ip_margin) and self.min_ip_margin >= 0,
+              "lpp.min-ip-margin", self.min_ip_margin, "nats, finite and >= 0 (0 = never warn)")
 
     def base_spec(self) -> BaseQuantSpec:
         """How the server quantizes the base package."""
