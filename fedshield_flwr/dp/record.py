@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -206,7 +207,10 @@ def dp_train_lora(model, rows: Sequence[dict], settings: TrainSettings, learning
                 batch = {key: v.to(device) for key, v in collate([rows[i] for i in chunk],
                                                                  pad_id).items()}
                 per_row = row_losses(model, batch)
-                per_row.sum().backward()
+                with warnings.catch_warnings():  # Opacus's hook on the first LoRA layer, whose
+                    # input needs no gradient, is harmless: its per-sample weight grad is right
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    per_row.sum().backward()
                 step_loss += float(per_row.detach().sum())
                 opt.signal_skip_step(do_skip=k < len(chunks) - 1)
                 opt.step()  # a skipped step keeps the clipped sum for the next chunk
