@@ -142,7 +142,8 @@ def train_metrics(good: list[Message], num_examples: float, **extra: float) -> M
 def record_dp_metrics(good: list[Message], metrics_key: str = METRICS) -> dict[str, float]:
     """``dp_epsilon`` and ``dp_epsilon_next``: the max over silos of what they report."""
     out: dict[str, float] = {}
-    for key, name in ((DP_EPSILON, "dp_epsilon"), (DP_EPSILON_NEXT, "dp_epsilon_next")):
+    for key, name in ((DP_EPSILON, "dp_epsilon"), (DP_EPSILON_NEXT, "dp_epsilon_next"),
+                      ("dp-noise-multiplier", "dp_noise_multiplier")):
         vals = [float(m.content.metric_records[metrics_key][key]) for m in good
                 if key in m.content.metric_records.get(metrics_key, {})]
         if vals:

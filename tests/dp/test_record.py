@@ -162,3 +162,30 @@ def test_a_large_poisson_batch_runs_as_micro_batches_of_one_step(tiny):
     assert len(poisson_batches(len(data.train), plan.sample_rate, 1, seed=1)[0]) > 4
     res = dp_train_lora(model, data.train, settings, 1e-3, tok.pad_token_id, seed=1, plan=plan)
     assert res.steps == 1 and res.num_examples > 4 and math.isfinite(res.loss)
+
+
+def test_per_sample_gradients_work_on_lpps_rebuilt_4bit_base(tiny):
+    """lpp trains LoRA on bitsandbytes 4-bit layers: Opacus hooks only the LoRA nn.Linear."""
+    from fedshield_flwr.lpp.quantize import BaseQuantSpec, build_quantized_package
+    from fedshield_flwr.lpp.rebuild import build_model_from_package
+
+    tok, _, data = tiny
+    base = load_base_model("tiny:llama").eval()
+    silo = build_model_from_package(build_quantized_package(base, BaseQuantSpec("nf4")))
+    model = apply_lora(silo, LoraSettings(r=4, dropout=0.0), seed=0)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = _batch(tok, data, n=3)
+    hooks = per_sample_hooks(model)
+    try:
+        row_losses(model, batch).sum().backward()
+        per_sample = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1)
+    finally:
+        hooks.remove_hooks()
+    for p in params:
+        p.grad_sample = p.grad = None
+    one = {k: v[1:2] for k, v in batch.items()}
+    own = torch.cat([g.flatten() for g in torch.autograd.grad(row_losses(model, one).sum(),
+                                                             params)])
+    assert per_sample.shape[0] == 3
+    torch.testing.assert_close(per_sample[1], own, rtol=1e-3, atol=1e-6)
