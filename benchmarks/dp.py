@@ -128,22 +128,28 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="fedshield-dp-bench-"))
     link = LocalSimulationSuperLink(work / "flwr-home").start()
     t0 = time.time()
+
+    def write() -> None:  # after every run: a stopped benchmark keeps what it measured
+        latest = json.loads(out_path.read_text()) if out_path.exists() else {}
+        doc["client"] = latest.get("client", doc.get("client", {}))  # another script's key
+        doc["record_setup"] = {
+            "quick": args.quick, "silos": args.silos, "rounds": args.rounds,
+            "run_config": base.strip() or "pyproject.toml defaults (the demo)",
+            "command": " ".join(["benchmarks/dp.py", *(argv or sys.argv[1:])]),
+            "wall_s": time.time() - t0}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(doc, indent=2) + "\n")
+
     try:
         for mode in args.modes.split(","):
             for eps in args.epsilons.split(","):
                 record.setdefault(mode, {})[eps] = one_run(link, work, base, mode, eps,
                                                            args.silos, args.rounds,
                                                            args.mia_rows)
+                write()
     finally:
         link.stop()
         shutil.rmtree(work, ignore_errors=True)
-    doc.setdefault("client", doc.get("client", {}))
-    doc["record_setup"] = {"quick": args.quick, "silos": args.silos, "rounds": args.rounds,
-                           "run_config": base.strip() or "pyproject.toml defaults (the demo)",
-                           "command": " ".join(["benchmarks/dp.py", *(argv or sys.argv[1:])]),
-                           "wall_s": time.time() - t0}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\n{'mode':>7} {'target':>6} {'spent':>7} {'eval_loss':>9} {'MIA AUC':>7}")
     for mode, cols in record.items():
         for eps, r in cols.items():

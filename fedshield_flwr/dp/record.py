@@ -228,5 +228,8 @@ def dp_train_lora(model, rows: Sequence[dict], settings: TrainSettings, learning
     log.info("%s: DP-SGD %d steps, sigma=%.3f, C=%.3g, q=%.4f, %d rows drawn", desc,
              settings.max_steps, plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate,
              seen)
-    return TrainResult(loss=loss, steps=settings.max_steps, num_examples=max(seen, 1),
+    # The FedAvg weight is the expected number of rows, not the drawn one (which depends on the
+    # Poisson draws and so on the data): it reveals only the size of the silo.
+    expected = max(1, round(plan.expected_batch_size * settings.max_steps))
+    return TrainResult(loss=loss, steps=settings.max_steps, num_examples=expected,
                        seconds=time.time() - t0)
