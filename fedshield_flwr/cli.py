@@ -43,15 +43,18 @@ def summary(args: argparse.Namespace) -> int:
     print(f"\nrun {run_dir.resolve().name}: {doc['config'].get('strategy.name')} on "
           f"{doc['config'].get('model.name')}")
     generated = any(r.get("eval_rouge_l") is not None for r in rounds)  # eval.generate
+    dp = any(r.get("dp_epsilon") is not None for r in rounds)  # dp.level: epsilon spent
     print(f"{'round':>5} {'train_loss':>10} {'eval_loss':>10} {'ppl':>9} "
           + (f"{'exact':>6} {'rougeL':>6} " if generated else "")
+          + (f"{'eps':>7} " if dp else "")
           + f"{'up MB':>8} {'down MB':>8} {'sec':>7}")
     for r in rounds:
         gen = (f"{_fmt(r.get('eval_exact_match'), '6.3f')} {_fmt(r.get('eval_rouge_l'), '6.3f')} "
                if generated else "")
         print(f"{r['round']:>5} {_fmt(r.get('train_loss'), '10.4f')} "
               f"{_fmt(r.get('eval_loss'), '10.4f')} {_fmt(r.get('eval_perplexity'), '9.2f')} "
-              f"{gen}{r.get('bytes_up', 0) / 1e6:8.2f} {r.get('bytes_down', 0) / 1e6:8.2f} "
+              f"{gen}{(_fmt(r.get('dp_epsilon'), '7.3f') + ' ') if dp else ''}"
+              f"{r.get('bytes_up', 0) / 1e6:8.2f} {r.get('bytes_down', 0) / 1e6:8.2f} "
               f"{r.get('seconds', 0):7.1f}")
     evals = [r for r in rounds if r.get("eval_loss") is not None]
     if len(evals) >= 2:

@@ -391,6 +391,9 @@ class RunConfig:
               cfg.dp.level, "split cannot honour client-level DP (the server trains the middle "
               "of the network on every silo's activations); use dp.level='record' for the "
               "silo-side adapters")
+        check(not (cfg.dp.level == "record" and cfg.strategy.name == "split"), "dp.level",
+              cfg.dp.level, "record-level DP is not wired into split's silo-side adapters yet "
+              "(the relay's training loop); use fedavg, shield or lpp")
         return cfg
 
     @staticmethod

@@ -77,7 +77,7 @@ def check_reply_round(msg: Message, server_round: int, metrics_key: str = METRIC
 def train_metrics(result, server_round: int, **extra: float) -> dict[str, Any]:
     """The metrics every train reply carries (``result`` is a ``train.TrainResult``)."""
     return {TRAIN_LOSS: result.loss, NUM_EXAMPLES: result.num_examples, ROUND: server_round,
-            TRAIN_S: result.seconds, **extra}
+            TRAIN_S: result.seconds, **getattr(result, "extra", {}), **extra}
 
 
 def eval_metrics(result, server_round: int, generated: GenerationResult | None = None,

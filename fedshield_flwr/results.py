@@ -191,6 +191,14 @@ class RunResults:
             "server model eval loss": "server_eval_loss", "silo proxy eval loss": "proxy_eval_loss",
         })
         ax.set_ylabel("loss")
+        eps = [(r["round"], r["dp_epsilon"]) for r in self.rounds
+               if r.get("dp_epsilon") is not None]
+        if eps:  # differential privacy: epsilon spent so far, on its own axis
+            eps_ax = ax.twinx()
+            eps_ax.plot(*zip(*eps), marker="s", linestyle="--", color="tab:red",
+                        label="DP epsilon spent")
+            eps_ax.set_ylabel("epsilon", color="tab:red")
+            eps_ax.legend(loc="upper center")
         if generated:
             draw(gen_ax, {"ROUGE-L (silos)": "eval_rouge_l", "exact match": "eval_exact_match"})
             gen_ax.set_ylabel("score")

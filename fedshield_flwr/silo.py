@@ -159,8 +159,26 @@ def train_round(
                    cfg.train.learning_rate_min)
     # Seed depends on round and silo: silos draw different batches, reruns draw the same.
     seed = cfg.train.seed + 1000 * server_round + node.partition_id
+    if cfg.dp.level == "record":
+        return record_dp_round(rt.model, data.train, cfg, lr, rt.pad_id, seed, server_round,
+                               f"silo {node.partition_id} round {server_round}")
     return train_lora(rt.model, data.train, cfg.train, lr, rt.pad_id, seed,
                       desc=f"silo {node.partition_id} round {server_round}")
+
+
+def record_dp_round(model, rows, cfg: RunConfig, lr: float, pad_id: int, seed: int,
+                    server_round: int, desc: str) -> TrainResult:
+    """``dp.level='record'``: one round of DP-SGD; the result carries the spent epsilon."""
+    from dataclasses import replace
+
+    from fedshield_flwr.dp.record import dp_train_lora, plan_record_dp
+
+    plan = plan_record_dp(cfg.dp, cfg.train, len(rows), cfg.num_server_rounds, who=desc)
+    result = dp_train_lora(model, rows, cfg.train, lr, pad_id, seed, plan, desc=desc)
+    metrics = plan.metrics(server_round)
+    log.info("%s: record-level DP epsilon %.3f spent (delta %.2g), %.3f after one more round",
+             desc, metrics["dp-epsilon"], plan.delta, metrics["dp-epsilon-next"])
+    return replace(result, extra={**result.extra, **metrics})
 
 
 def evaluate_round(

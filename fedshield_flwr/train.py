@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ class TrainResult:
     steps: int
     num_examples: int  # examples seen this round (the FedAvg weight)
     seconds: float
+    extra: dict[str, float] = field(default_factory=dict)  # more train metrics (dp-epsilon)
 
 
 @dataclass(frozen=True)

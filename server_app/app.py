@@ -44,6 +44,8 @@ def main(grid: Grid, context: Context) -> None:
         start_round = 1
         log.info("run %s: %s, %d rounds, model %s -> %s", run_id, cfg.strategy.name,
                  cfg.num_server_rounds, cfg.model.name, results.dir)
+    if cfg.dp.stop_at_budget:
+        mode.strategy.dp_budget = cfg.dp.epsilon
     tracker = open_tracker(cfg.tracking, results.dir, results.dir.name,
                            resume_round=start_round - 1 if cfg.resume else None)
 

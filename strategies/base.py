@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from fedshield_flwr.dp.report import DP_EPSILON, DP_EPSILON_NEXT, budget_exceeded
 from fedshield_flwr.protocol import (
     EVAL_LOSS,
     EVAL_PERPLEXITY,
@@ -128,9 +129,26 @@ def evaluate_metrics(good: list[Message]) -> MetricRecord | None:
 
 
 def train_metrics(good: list[Message], num_examples: float, **extra: float) -> MetricRecord:
-    """Weighted train loss, examples and mean timings of accepted train replies."""
+    """Weighted train loss, examples and mean timings of accepted train replies.
+
+    With record-level DP also ``dp_epsilon`` / ``dp_epsilon_next``: the largest epsilon any silo
+    has spent (each silo protects its own rows, so the federation's guarantee is the weakest).
+    """
     return MetricRecord({TRAIN_LOSS: float(weighted_metric(good, TRAIN_LOSS) or 0.0),
-                         NUM_EXAMPLES: int(num_examples), **extra, **silo_timings(good)})
+                         NUM_EXAMPLES: int(num_examples), **extra, **silo_timings(good),
+                         **record_dp_metrics(good)})
+
+
+def record_dp_metrics(good: list[Message], metrics_key: str = METRICS) -> dict[str, float]:
+    """``dp_epsilon`` and ``dp_epsilon_next``: the max over silos of what they report."""
+    out: dict[str, float] = {}
+    for key, name in ((DP_EPSILON, "dp_epsilon"), (DP_EPSILON_NEXT, "dp_epsilon_next"),
+                      ("dp-noise-multiplier", "dp_noise_multiplier")):
+        vals = [float(m.content.metric_records[metrics_key][key]) for m in good
+                if key in m.content.metric_records.get(metrics_key, {})]
+        if vals:
+            out[name] = max(vals)
+    return out
 
 
 class RoundLoop:
@@ -144,6 +162,7 @@ class RoundLoop:
     last_evaluate_replies: list[Message]
     destinations: dict[str, int] = {}  # message id -> silo node id of the last send
     accepted_replies: int = 0
+    dp_budget: float | None = None  # dp.stop-at-budget: the dp.epsilon not to pass
     rejected_replies: int = 0
     problems: list[str] = []
 
@@ -229,7 +248,14 @@ class RoundLoop:
                      _fmt(rec.eval_loss), _fmt(rec.eval_perplexity), rec.seconds)
             if on_round_end:
                 on_round_end(rec, arrays)
+        next_epsilon: float | None = None  # what the silos say one more round would spend
         for server_round in range(start_round, num_rounds + 1):
+            if budget_exceeded(self.dp_budget, next_epsilon):
+                log.info("dp.stop-at-budget: stopping before round %d of %d: it would spend "
+                         "epsilon %.3f > dp.epsilon=%g; the run ends after round %d",
+                         server_round, num_rounds, next_epsilon, self.dp_budget,
+                         server_round - 1)
+                break
             t0 = time.time()
             rec = RoundRecord(round=server_round)
             replies, down, up = self._send(
@@ -258,10 +284,13 @@ class RoundLoop:
             if server_evaluate:
                 rec.extra.update(server_evaluate(server_round, arrays))
             rec.seconds = time.time() - t0
+            next_epsilon = rec.extra.get("dp_epsilon_next", next_epsilon)
+            eps = rec.extra.get("dp_epsilon")
             log.info(
-                "[round %d/%d] train_loss=%s eval_loss=%s ppl=%s up=%s down=%s silos=%d "
+                "[round %d/%d] train_loss=%s eval_loss=%s ppl=%s%s up=%s down=%s silos=%d "
                 "dropped=%d (%.1f s)", server_round, num_rounds, _fmt(rec.train_loss),
-                _fmt(rec.eval_loss), _fmt(rec.eval_perplexity), _mb(rec.bytes_up),
+                _fmt(rec.eval_loss), _fmt(rec.eval_perplexity),
+                "" if eps is None else f" eps={eps:.3f}", _mb(rec.bytes_up),
                 _mb(rec.bytes_down), rec.replies, rec.failures, rec.seconds,
             )
             if on_round_end:

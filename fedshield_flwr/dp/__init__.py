@@ -1,1 +1,1 @@
-"""Differential privacy: accounting (issue #13; record/client mechanisms not wired yet)."""
+"""Differential privacy (issue #13): accounting, record-level DP-SGD (:mod:`.record`), reports."""

@@ -64,5 +64,10 @@ def test_dp_config_errors_name_the_key(keys, named):
 
 
 def test_dp_record_with_a_budget_is_accepted():
-    cfg = _cfg(**{"dp.level": "record", "dp.epsilon": 4.0, "strategy.name": "split"})
+    cfg = _cfg(**{"dp.level": "record", "dp.epsilon": 4.0, "strategy.name": "shield"})
     assert cfg.dp.enabled and cfg.dp.epsilon == 4.0
+
+
+def test_dp_record_in_split_is_refused_until_its_relay_loop_does_dp_sgd():
+    with _pytest.raises(ConfigError, match="split's silo-side adapters"):
+        _cfg(**{"dp.level": "record", "dp.epsilon": 4.0, "strategy.name": "split"})
