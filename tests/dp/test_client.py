@@ -159,3 +159,34 @@ def test_distributed_noise_in_one_ckks_round():
     assert noise.size == payload_size
     assert np.std(noise) == pytest.approx(sigma * clip / n, rel=0.05)
     assert abs(noise.mean()) < 4 * sigma * clip / n / math.sqrt(noise.size)
+
+
+def test_lpp_clips_the_update_over_the_dequantized_adapter_the_silos_started_from(
+        flower_identity):
+    """sigma = 0: the new fp adapter is fp + lr * mean(clip(reply - dequantized(sent)))."""
+    from flwr.app import ConfigRecord
+
+    from fedshield_flwr.lpp.adapter import AdapterQuantSpec, prepare_global_adapter
+    from strategies.lpp import LppStrategy
+    from tests.strategies.test_lpp_strategy import TEMPLATE as LPP
+    from tests.strategies.test_lpp_strategy import NodeGrid, _arrays, _state
+    from tests.strategies.test_lpp_strategy import _train_reply as lpp_reply
+
+    dp = ClientDp(DpSettings(level="client", noise_multiplier=1.0, max_grad_norm=0.05), 2)
+    dp.plan = ClientDpPlan(0.0, 0.05, 0.5, 1.0, 2)
+    dp.accountant = FederationAccountant(0.5)
+    strat = LppStrategy(LPP, lambda: {"w": np.zeros(8, np.uint8)}, "ab" * 32,
+                        AdapterQuantSpec(4, 32), 0.5, client_dp=dp, min_train_nodes=1,
+                        min_available_nodes=1, min_evaluate_nodes=1)
+    fp = _state(0, 0.01)
+    strat.configure_train(1, _arrays(fp), ConfigRecord(), NodeGrid([1, 2], [1, 2]))
+    _, sent = prepare_global_adapter(fp, AdapterQuantSpec(4, 32))
+    big, small = _state(1, 0.01), _state(2, 1e-5)  # norms ~0.16 (clipped) and ~1.6e-4
+    a = OrderedDict((k, sent[k] + big[k]) for k in LPP)
+    b = OrderedDict((k, sent[k] + small[k]) for k in LPP)
+    new, _ = strat.aggregate_train(1, [lpp_reply(1, a, 10), lpp_reply(2, b, 1000)])
+    norm = math.sqrt(sum(float(np.sum(big[k].astype(np.float64) ** 2)) for k in LPP))
+    assert norm > 0.05  # clipped; clipping reply - fp instead would be off by (sent - fp)/4
+    for k in LPP:
+        expected = fp[k] + 0.5 * (big[k] * (0.05 / norm) + small[k]) / 2
+        np.testing.assert_allclose(new[k].numpy(), expected, atol=1e-6)
