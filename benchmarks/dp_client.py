@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['details']['private']['delta']:7.4f}")
     path = Path(args.out)
     doc = json.loads(path.read_text()) if path.exists() else {}
-    doc["client"] = out
+    merged = doc.get("client", {})  # a later run of other --modes keeps the earlier modes
+    merged.update(out)
+    doc["client"] = merged
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2))
     print(f"wrote {path} (key 'client')")

@@ -7,10 +7,10 @@ import time
 
 from flwr.app import Context, Message
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedshield_flwr import protocol as p
 from fedshield_flwr.config import NodeSettings, RunConfig
-from fedshield_flwr.dp.client import CLIPPING_NORM
 from fedshield_flwr.generation import GenerationResult
 from fedshield_flwr.silo import evaluate_round, generate_round, get_runtime, train_round
 from fedshield_flwr.wire import decode_adapter, encode_arrays
@@ -32,7 +32,7 @@ def _setup(msg: Message, context: Context):
 
 
 def train(msg: Message, context: Context) -> Message:
-    if p.config_of(msg).get(CLIPPING_NORM) is not None:
+    if p.config_of(msg).get(KEY_CLIPPING_NORM) is not None:
         # dp.level='client': Flower's mod clips (reply - received) to the norm the server sent,
         # so this silo never sends an unclipped update (the server clips again, idempotently)
         return fixedclipping_mod(msg, context, _train)
