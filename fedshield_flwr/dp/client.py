@@ -201,6 +201,13 @@ class ClientDp:
         return {DP_EPSILON: self.accountant.epsilon(), DP_DELTA: self.plan.delta,
                 DP_NOISE: sigma}
 
+    def next_round_epsilon(self) -> float:
+        """The federation epsilon after one more round as planned (for ``dp.stop-at-budget``)."""
+        assert self.plan is not None and self.accountant is not None
+        ahead = FederationAccountant(self.plan.delta, list(self.accountant.history))
+        ahead.step(self.plan.noise_multiplier, self.plan.sample_rate)
+        return ahead.epsilon()
+
 
 def from_config(settings: DpSettings, rounds: int, distributed: bool = False) -> ClientDp | None:
     """A :class:`ClientDp` when ``dp.level == 'client'``, else None."""

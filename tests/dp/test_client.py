@@ -116,6 +116,9 @@ def test_dropped_shield_silo_is_accounted_with_the_noise_actually_added():
     got = dp.end_round(1, num_summed=3)
     assert got[DP_NOISE] == pytest.approx(2.0 * math.sqrt(3 / 4))
     assert got[DP_EPSILON] == pytest.approx(epsilon_after(2.0 * math.sqrt(0.75), 0.25, 1.0, 1))
+    ref = RDPAccountant()  # what dp.stop-at-budget compares with the target: one more round
+    ref.history = [(2.0 * math.sqrt(0.75), 1.0, 1), (2.0, 1.0, 1)]
+    assert dp.next_round_epsilon() == pytest.approx(ref.get_epsilon(0.25), rel=1e-9)
 
 
 def test_distributed_noise_shares_sum_to_the_full_variance_in_plaintext():
