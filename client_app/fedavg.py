@@ -6,6 +6,8 @@ import logging
 import time
 
 from flwr.app import Context, Message
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedshield_flwr import protocol as p
 from fedshield_flwr.config import NodeSettings, RunConfig
@@ -30,6 +32,14 @@ def _setup(msg: Message, context: Context):
 
 
 def train(msg: Message, context: Context) -> Message:
+    if p.config_of(msg).get(KEY_CLIPPING_NORM) is not None:
+        # dp.level='client': Flower's mod clips (reply - received) to the norm the server sent,
+        # so this silo never sends an unclipped update (the server clips again, idempotently)
+        return fixedclipping_mod(msg, context, _train)
+    return _train(msg, context)
+
+
+def _train(msg: Message, context: Context) -> Message:
     cfg, node, server_round, rt, adapter, load_s, decode_s = _setup(msg, context)
     result = train_round(rt, cfg, node, server_round, adapter)
     log.info("silo %d round %d: train_loss=%.4f (%d steps, %.1f s)", node.partition_id,

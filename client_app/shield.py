@@ -51,7 +51,7 @@ def train(msg: Message, context: Context) -> Message:
     payload, state = shield_silo.encrypt_progress(
         keyset, start, rt.adapter_state(), server_round=server_round, silo=str(context.node_id),
         num_examples=result.num_examples, settings=sh, num_rounds=cfg.num_server_rounds,
-        state=state)
+        state=state, dp=p.config_of(msg) if cfg.dp.level == "client" else None)
     encrypt_s = time.time() - t0
     shield_silo.save(context.state, global_adapter, state, optimizer)
     log.info("silo %d round %d: train_loss=%.4f, encrypted upload %.2f MB", node.partition_id,

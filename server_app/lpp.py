@@ -17,6 +17,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from fedshield_flwr.config import RunConfig
+from fedshield_flwr.dp.client import from_config as client_dp
 from fedshield_flwr.lpp.adapter import prepare_global_adapter
 from fedshield_flwr.lpp.margin import margin_warning, server_eval_rows
 from fedshield_flwr.lpp.package import load_or_build_package
@@ -60,7 +61,7 @@ class LppMode(ServerMode):
         self.strategy = LppStrategy(
             self.template, lambda: package_to_arrays(self.package), self.package.content_hash,
             s.adapter_spec(), s.server_lr, optimizer=ServerOptimizer.from_settings(cfg.strategy),
-            **cfg.strategy.flower_kwargs())
+            client_dp=client_dp(cfg.dp, cfg.num_server_rounds), **cfg.strategy.flower_kwargs())
         self._proxy = None
         self._rows: list[dict] | None = None
         self._tokenizer = None

@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedshield_flwr.config import RunConfig
+from fedshield_flwr.dp.client import from_config as client_dp
 from fedshield_flwr.shield.protocol import EXPORT_DIR, KEYS_TAG
 from fedshield_flwr.shield.settings import ShieldSettings
 from server_app.base import ServerMode
@@ -57,7 +58,9 @@ class ShieldMode(ServerMode):
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         super().__init__(cfg, run_dir)
-        self.strategy = ShieldStrategy(**shield_strategy_args(cfg, run_dir))
+        self.strategy = ShieldStrategy(
+            **shield_strategy_args(cfg, run_dir),
+            client_dp=client_dp(cfg.dp, cfg.num_server_rounds, distributed=True))
 
     def initial_arrays(self) -> ArrayRecord:
         return ArrayRecord()

@@ -20,8 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedshield_flwr.dp.client import ClientDp
 from fedshield_flwr.optimizers import ServerOptimizer
-from fedshield_flwr.protocol import ARRAYS, NUM_EXAMPLES, check_reply_round, reply_metrics
+from fedshield_flwr.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, check_reply_round, reply_metrics
 from fedshield_flwr.wire import PayloadError, decode_adapter, decode_arrays, encode_arrays
 from strategies.base import RoundLoop, evaluate_metrics, split_replies, train_metrics
 
@@ -67,13 +68,18 @@ class LoraFedAvg(RoundLoop, FedAvg):
         The adapter the silos must send back: names, shapes and dtypes are checked against it.
     optimizer : ServerOptimizer, optional
         The server optimizer applied to the weighted mean (default: none, plain FedAvg).
+    client_dp : ClientDp, optional
+        Client-level DP (``dp.level='client'``): updates are clipped and the uniform mean
+        noised (:mod:`fedshield_flwr.dp.client`) before the server optimizer.
     **kwargs
         Passed to ``flwr.serverapp.strategy.FedAvg`` (fractions, minimum node counts).
     """
 
     def __init__(self, template: Mapping[str, np.ndarray],
-                 optimizer: ServerOptimizer | None = None, **kwargs) -> None:
+                 optimizer: ServerOptimizer | None = None, client_dp: ClientDp | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
+        self.client_dp = client_dp
         self.template = OrderedDict((k, np.asarray(v)) for k, v in template.items())
         self.optimizer = optimizer or ServerOptimizer("fedavg")
         self.current_arrays: ArrayRecord | None = None  # the global arrays sent this round
@@ -100,7 +106,18 @@ class LoraFedAvg(RoundLoop, FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current_arrays = arrays  # what the server optimizer steps from
-        return super().configure_train(server_round, arrays, config, grid)
+        if self.client_dp is None:
+            return super().configure_train(server_round, arrays, config, grid)
+        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        self.client_dp.begin_round(server_round, len(msgs), len(list(grid.get_node_ids())))
+        for msg in msgs:  # the clipping norm for Flower's fixedclipping_mod on the silos
+            msg.content.config_records[CONFIG].update(self.client_dp.config_entries(server_round))
+        return msgs
+
+    def dp_reference(self) -> Mapping[str, np.ndarray]:
+        """Where the silos started this round: the update that is clipped is reply - this."""
+        assert self.current_arrays is not None, "configure_train did not run"
+        return decode_arrays(self.current_arrays, "server global adapter")
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -131,6 +148,10 @@ class LoraFedAvg(RoundLoop, FedAvg):
         self.settle_train(good, problems)
         if not states:
             return None, None
+        if self.client_dp is not None:  # clipped, uniform, noised (weights would raise C/n)
+            mean = self.client_dp.aggregate(server_round, states, self.dp_reference())
+            extra = self.client_dp.end_round(server_round, len(states))
+            return encode_arrays(mean), train_metrics(good, sum(weights), **extra)
         return encode_arrays(weighted_average(states, weights)), train_metrics(good, sum(weights))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

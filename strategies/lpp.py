@@ -117,6 +117,13 @@ class LppStrategy(LoraFedAvg):
             return []
         return self._messages(msgs, grid, server_round, self.quantized(arrays, False), config)
 
+    def dp_reference(self) -> Mapping[str, np.ndarray]:
+        """The de-quantized k-bit adapter the silos started from: client-level DP clips
+        ``reply - sent``, the update FedLPP's rule applies (not ``reply - fp``, which would
+        count the quantization error against the clipping norm)."""
+        assert self._sent is not None, "configure_train did not run"
+        return self._sent
+
     def _track(self, replies: list[Message]) -> None:
         self.delivery.track(replies, self.destinations)
 

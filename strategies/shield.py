@@ -28,7 +28,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedshield_flwr.protocol import NUM_EXAMPLES, ROUND, check_reply_round, reply_metrics
+from fedshield_flwr.dp.client import ClientDp
+from fedshield_flwr.protocol import CONFIG, NUM_EXAMPLES, ROUND, check_reply_round, reply_metrics
 from fedshield_flwr.shield import (
     AggregateLog,
     PayloadError,
@@ -63,14 +64,19 @@ class ShieldStrategy(RoundLoop, FedAvg):
         Total rounds; the last evaluation asks silos to export the final adapter.
     train_extra, evaluate_extra : dict
         Config entries added to every train/evaluate message (e.g. the key tag).
+    client_dp : ClientDp, optional
+        Client-level DP, distributed: the silos clip and add their noise shares before
+        encrypting (:func:`fedshield_flwr.dp.client.distributed_privatizer`); the server sends
+        them the clipping norm, noise multiplier and number of silos sampled, and accounts.
     **kwargs
         Passed to ``FedAvg`` (fractions, minimum node counts).
     """
 
     def __init__(self, keyset_loader, schedule: PruneSchedule, num_rounds: int,
                  train_extra: dict | None = None, evaluate_extra: dict | None = None,
-                 **kwargs) -> None:
+                 client_dp: ClientDp | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.client_dp = client_dp
         self._keyset_loader = keyset_loader
         self._keyset: ServerKeyset | None = None
         self.schedule = schedule
@@ -117,8 +123,14 @@ class ShieldStrategy(RoundLoop, FedAvg):
         for k, v in self.train_extra.items():
             config[k] = v
         config[PRUNE_RATIO] = prune_ratio(server_round, self.schedule)
-        return self._messages(server_round, config, grid, self.fraction_train,
+        msgs = self._messages(server_round, config, grid, self.fraction_train,
                               self.min_train_nodes, MessageType.TRAIN)
+        if self.client_dp is not None and msgs:
+            self.client_dp.begin_round(server_round, len(msgs), len(list(grid.get_node_ids())))
+            for msg in msgs:  # each silo's noise share is sigma^2 C^2 / (silos sampled)
+                msg.content.config_records[CONFIG].update(
+                    self.client_dp.config_entries(server_round))
+        return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -153,7 +165,8 @@ class ShieldStrategy(RoundLoop, FedAvg):
         self.aggregate_log().append(acc.finalize())
         metrics = train_metrics(
             good, sum(float(reply_metrics(m)[NUM_EXAMPLES]) for m in good),
-            prune_ratio=float(prune_ratio(server_round, self.schedule)))
+            prune_ratio=float(prune_ratio(server_round, self.schedule)),
+            **(self.client_dp.end_round(server_round, len(good)) if self.client_dp else {}))
         marker = ArrayRecord(OrderedDict(
             [("aggregated-round", Array(np.array([server_round], np.int64)))]))
         return marker, metrics

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -192,6 +192,7 @@ def encrypt_update(
     base_round: int | None = None,
     workers: int = 1,
     pool: EncryptionPool | None = None,
+    privatize: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[bytes, SiloState]:
     """Prune, weight and encrypt one silo's update for ``server_round``.
 
@@ -220,6 +221,11 @@ def encrypt_update(
         ``PARALLEL_MIN_VALUES`` values to encrypt.
     pool : EncryptionPool, optional
         An existing pool (takes precedence over ``workers``).
+    privatize : callable, optional
+        Client-level DP (:func:`fedshield_flwr.dp.client.distributed_privatizer`): maps the
+        blocks about to be sent (residual included) to ``(clipped, clipped + noise share)``;
+        the second is weighted and encrypted, the first is what the silo's state remembers as
+        sent. What clipping removes is dropped (not kept in the residual).
 
     Returns
     -------
@@ -258,7 +264,10 @@ def encrypt_update(
     tiers = block_tiers(layout.sizes, layout.lead_tensors, block)
     kept = block_mask(total_blocks, server_round, keyset.mask_secret, schedule, tiers)
     sent, residual = split_with_residual(vector, state.residual, kept, block)
-    weighted = sent * weight
+    released = sent
+    if privatize is not None:
+        sent, released = privatize(sent)
+    weighted = released * weight
     peak = float(np.abs(weighted).max()) if weighted.size else 0.0
     if not math.isfinite(peak) or peak > params.value_bound:
         raise UpdateError(

@@ -82,10 +82,23 @@ def training_start(global_adapter: Mapping[str, np.ndarray], state: SiloState,
 def encrypt_progress(keyset: SiloKeyset, start: Mapping[str, np.ndarray],
                      local: Mapping[str, np.ndarray], *, server_round: int, silo: str,
                      num_examples: int, settings: ShieldSettings, num_rounds: int,
-                     state: SiloState) -> tuple[bytes, SiloState]:
-    """The encrypted pruned payload of ``local - start`` (new progress only) and the new state."""
+                     state: SiloState, dp: Mapping[str, Any] | None = None
+                     ) -> tuple[bytes, SiloState]:
+    """The encrypted pruned payload of ``local - start`` (new progress only) and the new state.
+
+    With client-level DP (``dp``: the train config the server sent, carrying the clipping norm,
+    noise multiplier and number of silos sampled) the vector clipped to the norm is the pruned
+    one actually sent this round (this round's blocks of residual + new progress), its noise
+    share is added before encryption, and every silo weighs ``shield.weight-scale`` alone (a
+    uniform mean: num-examples weights would let one silo move it by more than ``C / n``).
+    """
     update = OrderedDict((k, local[k] - start[k]) for k in start)
     workers = settings.workers if settings.workers > 0 else (os.cpu_count() or 1)
-    return encrypt_update(keyset, update, server_round=server_round, silo=silo,
-                          weight=num_examples * settings.weight_scale,
-                          schedule=settings.schedule(num_rounds), state=state, workers=workers)
+    privatize, weight = None, num_examples * settings.weight_scale
+    if dp is not None:
+        from fedshield_flwr.dp.client import privatizer_from_config
+
+        privatize, weight = privatizer_from_config(dp, silo, server_round), settings.weight_scale
+    return encrypt_update(keyset, update, server_round=server_round, silo=silo, weight=weight,
+                          schedule=settings.schedule(num_rounds), state=state, workers=workers,
+                          privatize=privatize)
