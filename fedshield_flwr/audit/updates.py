@@ -118,3 +118,66 @@ def trained_rows(n_rows: int, batch_size: int, steps: int, seed: int) -> list[in
 
 def pick(rows: Sequence, idx: Sequence[int]) -> list:
     return [rows[i] for i in idx]
+
+
+def _trainable_by_key(model, keys) -> list:
+    """The trainable parameters of ``model`` in the order of adapter-state ``keys``."""
+    by_key = {n.replace(".default", ""): p for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise KeyError(f"audit: the model has no trainable parameter for adapter tensor "
+                       f"{missing[0]!r} ({len(missing)} missing); build it with the same "
+                       "model.lora.* settings as the update")
+    return [by_key[k] for k in keys]
+
+
+def gradient_alignment_scores(model, tokenizer, global_state, update, rows, *, max_length: int,
+                              template: str = "auto") -> np.ndarray:
+    """Per row: cosine between its loss gradient at ``global`` (centred) and ``-update``.
+
+    A silo's update is (a preconditioned) sum of its training rows' gradients, so a member's own
+    gradient points along it more than a non-member's. The gradient-based white-box attack of
+    Nasr et al. 2019 (S&P, "Comprehensive Privacy Analysis of Deep Learning") with the received
+    update as the signal; each row's gradient is centred on the mean over all candidates (what
+    every row shares, such as the prompt template, says nothing about membership and needs no
+    labels to remove). Leaves ``model`` at ``global``.
+    """
+    import torch
+
+    from fedshield_flwr.audit.membership import _pad_id, tokenized_rows
+    from fedshield_flwr.models.lora import set_adapter_state
+    from fedshield_flwr.train import collate
+
+    keys = list(update)
+    set_adapter_state(model, global_state)
+    params = _trainable_by_key(model, keys)
+    direction = torch.from_numpy(np.concatenate(
+        [-np.asarray(update[k], np.float32).ravel() for k in keys]))
+    toks = tokenized_rows(rows, tokenizer, max_length=max_length, template=template)
+    device = next(p.device for p in model.parameters())
+    grads = torch.zeros(len(toks), direction.numel())
+    was_training = model.training
+    model.eval()  # no dropout: the gradient of the model the server holds
+    try:
+        for i, row in enumerate(toks):
+            batch = {k: v.to(device) for k, v in collate([row], _pad_id(tokenizer)).items()}
+            for p in params:
+                p.grad = None
+            model(**batch).loss.backward()
+            grads[i] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
+                                  .detach().float().cpu().ravel() for p in params])
+    finally:
+        for p in params:
+            p.grad = None
+        model.train(was_training)
+    centred = grads - grads.mean(dim=0, keepdim=True)
+    cos = (centred @ direction) / (centred.norm(dim=1) * direction.norm()).clamp_min(1e-30)
+    return cos.double().numpy()
+
+
+def gradient_alignment_auc(model, tokenizer, global_state, update, members, nonmembers, *,
+                           max_length: int) -> float:
+    """AUC of :func:`gradient_alignment_scores` (members and non-members scored together)."""
+    scores = gradient_alignment_scores(model, tokenizer, global_state, update,
+                                       list(members) + list(nonmembers), max_length=max_length)
+    return auc(scores[:len(members)], scores[len(members):])

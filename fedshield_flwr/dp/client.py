@@ -50,6 +50,7 @@ from fedshield_flwr.dp.accounting import noise_multiplier_for
 log = logging.getLogger("fedshield.server")
 
 DP_EPSILON = "dp_epsilon"  # round metrics key (shared with record level)
+DP_EPSILON_NEXT = "dp_epsilon_next"  # after one more round: read by dp.stop-at-budget
 DP_DELTA = "dp_delta"
 DP_NOISE = "dp_noise_multiplier"  # the round's effective noise multiplier
 # train-message config entries (server -> silo) for client level
@@ -199,7 +200,7 @@ class ClientDp:
                         n, sigma)
         self.accountant.step(sigma, self.plan.sample_rate)
         return {DP_EPSILON: self.accountant.epsilon(), DP_DELTA: self.plan.delta,
-                DP_NOISE: sigma}
+                DP_NOISE: sigma, DP_EPSILON_NEXT: self.next_round_epsilon()}
 
     def next_round_epsilon(self) -> float:
         """The federation epsilon after one more round as planned (for ``dp.stop-at-budget``)."""

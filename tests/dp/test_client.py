@@ -119,6 +119,24 @@ def test_dropped_shield_silo_is_accounted_with_the_noise_actually_added():
     ref = RDPAccountant()  # what dp.stop-at-budget compares with the target: one more round
     ref.history = [(2.0 * math.sqrt(0.75), 1.0, 1), (2.0, 1.0, 1)]
     assert dp.next_round_epsilon() == pytest.approx(ref.get_epsilon(0.25), rel=1e-9)
+    assert got["dp_epsilon_next"] == pytest.approx(dp.next_round_epsilon())
+
+
+def test_client_level_budget_stop_happens_before_the_round_that_would_pass_epsilon():
+    from strategies.base import budget_exceeded
+    sigma, q, budget = 1.0, 0.25, 3.0  # an explicit noise multiplier: the budget binds
+    dp = ClientDp(DpSettings(level="client", noise_multiplier=sigma, epsilon=budget,
+                             stop_at_budget=True), rounds=50)
+    done, nxt = 0, None
+    for rnd in range(1, 51):  # what RoundLoop.run does with the round's metrics
+        if budget_exceeded(budget, nxt):
+            break
+        dp.begin_round(rnd, num_sampled=4, num_available=16)
+        got = dp.end_round(rnd, num_summed=4)
+        done, nxt = rnd, got["dp_epsilon_next"]
+    expected = max(r for r in range(1, 51) if epsilon_after(sigma, 1 / 16, q, r) <= budget)
+    assert done == expected and 1 < expected < 50
+    assert got[DP_EPSILON] <= budget < epsilon_after(sigma, 1 / 16, q, done + 1)
 
 
 def test_distributed_noise_shares_sum_to_the_full_variance_in_plaintext():
