@@ -9,6 +9,7 @@ when it fails, the last error line.
     .venv/bin/python benchmarks/architectures.py --quick     # 4 families x 4 modes
     .venv/bin/python benchmarks/architectures.py             # every tiny family x 4 modes
     .venv/bin/python benchmarks/architectures.py --families gemma,opt --modes split,lpp
+    .venv/bin/python benchmarks/architectures.py --render    # the tables of the stored JSON
 
 Prints a table and writes benchmarks/results/architectures.json (rewritten after every cell, so
 a killed run keeps what it measured).
@@ -81,6 +82,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def matrix(rows: list[dict]) -> str:
+    """Families down, modes across: ``ok 21 s, 6.2727`` or ``fail`` (errors listed below)."""
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    cells = {(r["family"], r["mode"]): r for r in rows}
+    out = ["| family | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    errors = []
+    for family in dict.fromkeys(r["family"] for r in rows):
+        line = []
+        for mode in modes:
+            r = cells.get((family, mode))
+            if r is None:
+                line.append("")
+            elif r["status"] == "ok":
+                line.append(f"ok {r['seconds']:.0f} s, {r['final_eval_loss']:.4f}")
+            else:
+                line.append("**fail**")
+                errors.append(f"- {mode} / {family}: `{r['error']}`")
+        out.append(f"| {family} | " + " | ".join(line) + " |")
+    return "\n".join(out + ([""] + errors if errors else []))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
@@ -94,7 +116,13 @@ def main() -> None:
     p.add_argument("--eval-examples", type=int, default=8)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "architectures.json"))
+    p.add_argument("--render", action="store_true",
+                   help="print the tables of the JSON at --out, run nothing")
     args = p.parse_args()
+    if args.render:
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        print(table(rows) + "\n\n" + matrix(rows))
+        return
     families = (args.families.split(",") if args.families
                 else list(QUICK_FAMILIES if args.quick else TINY_ARCHITECTURES))
     unknown = sorted(set(families) - set(TINY_ARCHITECTURES))
@@ -121,7 +149,7 @@ def main() -> None:
                     out.write_text(json.dumps(doc, indent=2) + "\n")
         finally:
             link.stop()
-    print(table(rows))
+    print(table(rows) + "\n\n" + matrix(rows))
     print(f"wrote {out}")
 
 
