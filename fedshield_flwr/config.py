@@ -155,11 +155,14 @@ class ModelSettings(Section):
     prefix: ClassVar[str] = "model"
     name: str = "embedded:smollm2-135m-instruct"
     quantization: int = 0  # 0, 4 (NF4) or 8 (int8)
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16; models/device.py
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self) -> None:
         check(self.quantization in (0, 4, 8), "model.quantization", self.quantization,
               "use 0 (full precision), 4 (NF4) or 8 (int8)")
+        check(self.dtype in ("auto", "fp32", "bf16"), "model.dtype", self.dtype,
+              "use auto (bf16 on a CUDA GPU, fp32 on the CPU), fp32 or bf16")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from fedshield_flwr.generation import GenerationResult, generation_metrics
 from fedshield_flwr.models import (
     apply_lora,
     cache_root,
+    default_device,
     get_adapter_state,
     load_base_model,
     load_tokenizer,
@@ -129,7 +130,8 @@ def get_runtime(cfg: RunConfig, node: NodeSettings | None = None) -> SiloRuntime
         skip_unused_bitsandbytes(cfg)
         path = resolve_model_path(cfg.model.name, cache_dir)
         tok = load_tokenizer(cfg.model.name, cache_dir)
-        base = load_base_model(cfg.model.name, cfg.model.quantization, cache_dir)
+        base = load_base_model(cfg.model.name, cfg.model.quantization, cache_dir,
+                               device=default_device(), dtype=cfg.model.dtype)
         model = apply_lora(base, cfg.model.lora, seed=cfg.train.seed, base_path=path)
         rt = SiloRuntime(model, tok, path, time.time() - t0, initial=get_adapter_state(model))
         log.info("loaded %s (+LoRA r=%d) in %.1f s", cfg.model.name, cfg.model.lora.r,

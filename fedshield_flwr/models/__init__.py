@@ -1,5 +1,6 @@
 """Models: loading (HF id or directory, the embedded GGUF default, tiny test models) and LoRA."""
 
+from fedshield_flwr.models.device import DeviceError, compute_dtype, default_device
 from fedshield_flwr.models.load import (
     ModelLoadError,
     cache_root,
@@ -19,10 +20,13 @@ from fedshield_flwr.models.lora import (
 
 __all__ = [
     "AdapterMismatchError",
+    "DeviceError",
     "ModelLoadError",
     "apply_lora",
     "cache_root",
     "check_adapter_state",
+    "compute_dtype",
+    "default_device",
     "export_adapter",
     "get_adapter_state",
     "load_base_model",

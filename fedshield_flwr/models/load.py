@@ -230,32 +230,54 @@ def load_tokenizer(name: str, cache_dir: str | os.PathLike | None = None):
     return tok
 
 
+def load_kwargs(quantization: int, device: torch.device | str, dtype: str = "auto") -> dict:
+    """The ``from_pretrained`` keywords for ``model.quantization`` and ``model.dtype`` on
+    ``device``: the compute dtype of :func:`~fedshield_flwr.models.device.compute_dtype`, and with
+    4-bit NF4 that same dtype as ``bnb_4bit_compute_dtype`` (bf16 on CUDA, fp32 on the CPU)."""
+    from transformers import BitsAndBytesConfig
+
+    from fedshield_flwr.models.device import compute_dtype
+
+    device = torch.device(device)
+    dt = compute_dtype(device, dtype)
+    kwargs: dict = {"dtype": dt}
+    if quantization == 4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dt
+        )
+        kwargs["device_map"] = device.type
+    elif quantization == 8:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = device.type
+    elif quantization != 0:
+        raise ModelLoadError(f"model.quantization={quantization}: use 0, 4 or 8")
+    return kwargs
+
+
 def load_base_model(
     name: str,
     quantization: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    dtype: str = "auto",
 ):
-    """Load a causal LM for CPU/GPU training in fp32 compute, optionally 4/8-bit via bitsandbytes.
+    """Load a causal LM on ``device``, computing in :func:`~fedshield_flwr.models.device.
+    compute_dtype` (``model.dtype``), optionally 4/8-bit via bitsandbytes.
 
-    fp32 compute on purpose: bf16 matmul on CPU is ~250x slower, and NF4 storage with fp32
-    compute costs nothing extra per step.
+    ``device`` defaults to the CPU, where ``auto`` means fp32 (bf16 matmul on CPU is ~250x
+    slower): the server's references and packages are built there (a quantized base too: it no
+    longer goes to a visible GPU unasked). A fedavg or shield silo passes
+    :func:`~fedshield_flwr.models.device.default_device`, so it trains on a CUDA GPU in bf16 when
+    it has one. With ``quantization=4`` the NF4 weights are de-quantized to that same
+    compute dtype (``bnb_4bit_compute_dtype``); NF4 storage costs nothing extra per step.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    device = torch.device(device)
+    kwargs = load_kwargs(quantization, device, dtype)
     path = resolve_model_path(name, cache_dir)
-    kwargs: dict = {"dtype": torch.float32}
-    if quantization == 4:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        )
-        kwargs["device_map"] = "cuda" if torch.cuda.is_available() else "cpu"
-    elif quantization == 8:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = "cuda" if torch.cuda.is_available() else "cpu"
-    elif quantization != 0:
-        raise ModelLoadError(f"model.quantization={quantization}: use 0, 4 or 8")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
@@ -263,5 +285,7 @@ def load_base_model(
             f"cannot load model '{name}' ({exc}); give a local directory, an embedded:... or "
             "tiny:... name, or a hub id reachable from this machine"
         ) from exc
+    if quantization == 0 and device.type != "cpu":
+        model.to(device)
     model.config.use_cache = False
     return model

@@ -8,7 +8,9 @@ is a standard PEFT adapter and ``PeftModel.from_pretrained(base, dir)`` loads it
 from __future__ import annotations
 
 import json
+import math
 import os
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -108,7 +110,30 @@ def apply_lora(model, settings: LoraSettings, seed: int = 0, base_path: str = ""
     with warnings.catch_warnings():
         # GPT-2's Conv1D: peft warns about fan_in_fan_out even when it is set correctly.
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-        return get_peft_model(model, cfg)
+        peft_model = get_peft_model(model, cfg)
+    init_adapter_fp32(peft_model, seed)
+    return peft_model
+
+
+def init_adapter_fp32(peft_model, seed: int) -> None:
+    """Draw every ``lora_A`` again in fp32 on the CPU, from a generator seeded by ``seed`` and
+    the tensor's name (``lora_B`` stays zero, so the model is unchanged at step 0).
+
+    PEFT draws ``lora_A`` in fp32, then casts it to the base layer's dtype before keeping it
+    fp32: over a bf16 base (a CUDA silo, ``model.dtype``) the initial adapter would be
+    bf16-rounded and differ from a CPU party's. This draw depends on neither the device, nor the
+    base dtype, nor which other layers the model has. Same law as PEFT's default:
+    ``kaiming_uniform_(a=sqrt(5))``, i.e. uniform on ``+-1/sqrt(fan_in)``.
+    """
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_A" not in name or param.ndim != 2:
+                continue
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            bound = 1.0 / math.sqrt(param.shape[1])
+            value = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound,
+                                                                            generator=gen)
+            param.copy_(value.to(param.device))
 
 
 def get_adapter_state(peft_model) -> "OrderedDict[str, np.ndarray]":
