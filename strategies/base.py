@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,167 @@ def split_replies(
     return kept, problems
 
 
+def accepted(replies: Iterable[Message], server_round: int, phase: str,
+             destinations: Mapping[str, int] | None, problems: list[str]) -> Iterator[Message]:
+    """Streaming :func:`split_replies`: yield each reply that is not an error or a duplicate.
+
+    Problems are appended to ``problems`` as they are met; only the ids of the senders seen so
+    far are kept, never the replies.
+    """
+    seen: set[int] = set()
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            node = (destinations or {}).get(msg.metadata.reply_to_message_id, node)
+            problems.append(f"silo node {node} failed {phase} in round {server_round}: "
+                            f"{msg.error.reason}")
+            continue
+        if node in seen:
+            problems.append(f"silo node {node} sent a duplicated {phase} reply in round "
+                            f"{server_round}; the first one is kept")
+            continue
+        seen.add(node)
+        yield msg
+
+
+class MetricsFold:
+    """Weighted train loss, total examples and mean timings, folded one reply at a time.
+
+    What :func:`train_metrics` computes from a list of replies, without keeping the replies.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.examples = 0.0
+        self._loss = [0.0, 0.0]  # weighted sum, weight
+        self._timings: dict[str, list[float]] = {}
+
+    def add(self, msg: Message, metrics_key: str = METRICS) -> None:
+        rec = msg.content.metric_records.get(metrics_key) or {}
+        self.count += 1
+        w = float(rec.get(NUM_EXAMPLES, 1.0))
+        self.examples += float(rec.get(NUM_EXAMPLES, 0.0))
+        if TRAIN_LOSS in rec:
+            self._loss[0] += float(rec[TRAIN_LOSS]) * w
+            self._loss[1] += w
+        for key in TIMING_KEYS:
+            if key in rec:
+                acc = self._timings.setdefault("silo_" + key.replace("-", "_"), [0.0, 0.0])
+                acc[0] += float(rec[key])
+                acc[1] += 1
+
+    def record(self, num_examples: float | None = None, **extra: float) -> MetricRecord:
+        loss = self._loss[0] / self._loss[1] if self._loss[1] > 0 else 0.0
+        timings = {k: v[0] / v[1] for k, v in self._timings.items()}
+        n = self.examples if num_examples is None else num_examples
+        return MetricRecord({TRAIN_LOSS: float(loss), NUM_EXAMPLES: int(n), **extra, **timings})
+
+
+class WeightedSum:
+    """The running FedAvg of adapter states: one float64 array per tensor, whatever the silos.
+
+    :meth:`add` folds ``weight * state`` into the sums (float64) and drops the state; :meth:`mean`
+    is ``sum_i w_i x_i / sum_i w_i`` cast to float32. Memory is one float64 copy of the
+    adapter, independent of how many silos reply. The float64 sums depend on the order of
+    arrival only below float32 precision (relative 1e-13 for 1024 silos), so the float32 mean
+    is the same for every order except for a value within that distance of a rounding tie.
+    """
+
+    def __init__(self) -> None:
+        self.sums: OrderedDict[str, np.ndarray] | None = None
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, state: Mapping[str, np.ndarray], weight: float) -> None:
+        w = float(weight)
+        if self.sums is None:
+            self.sums = OrderedDict((k, np.asarray(v, np.float64) * w) for k, v in state.items())
+        else:
+            for k, acc in self.sums.items():
+                acc += np.asarray(state[k], np.float64) * w
+        self.total += w
+        self.count += 1
+
+    def mean(self) -> OrderedDict[str, np.ndarray]:
+        if self.sums is None or not self.total > 0:
+            raise ValueError("weighted mean: no weight was added (the weights sum to zero)")
+        return OrderedDict((k, (v / self.total).astype(np.float32)) for k, v in self.sums.items())
+
+
+class ReplyStream:
+    """The replies to ``messages``, yielded one at a time as the SuperLink receives them.
+
+    ``grid.send_and_receive`` returns only when every reply is in (or the timeout passed) and
+    holds them all; this pushes the messages, then pulls the replies in chunks of
+    :attr:`chunk` message ids so at most ``chunk`` replies are held before the consumer folds
+    them. Bytes up and down are counted on the way; silos that did not answer in time are
+    logged when the stream ends.
+    """
+
+    chunk = 8
+
+    def __init__(self, loop: RoundLoop, grid: Grid, messages: Iterable[Message],
+                 timeout: float) -> None:
+        self.loop, self.grid, self.timeout = loop, grid, timeout
+        self.messages = list(messages)
+        self.down = sum(record_bytes(m.content) for m in self.messages)
+        self.up = 0
+        self.received = 0
+        self._gen: Iterator[Message] | None = None
+
+    def __iter__(self) -> Iterator[Message]:
+        if self._gen is not None:
+            raise RuntimeError("a ReplyStream can be consumed once")
+        self._gen = self._replies()
+        return self._gen
+
+    def _replies(self) -> Iterator[Message]:
+        if not self.messages:
+            return
+        kind = self.messages[0].metadata.message_type
+        pending = list(self.grid.push_messages(self.messages))
+        # The grid has set each message's id: remember which silo it went to (see accepted()).
+        self.loop.destinations = {m.metadata.message_id: m.metadata.dst_node_id
+                                  for m in self.messages}
+        self.messages = []  # the payloads sent are not needed any more
+        waiting = set(pending)
+        interval = min(float(getattr(self.grid, "pull_interval", 0.5)), 0.5)
+        end = time.time() + self.timeout
+        while waiting and time.time() < end:
+            got = False
+            ids = sorted(waiting)
+            for i in range(0, len(ids), self.chunk):
+                batch = list(self.grid.pull_messages(ids[i:i + self.chunk]))
+                while batch:
+                    msg = batch.pop(0)
+                    waiting.discard(msg.metadata.reply_to_message_id)
+                    self.received += 1
+                    if not msg.has_error():
+                        self.up += record_bytes(msg.content)
+                    got = True
+                    yield msg
+                    del msg
+            if not got:
+                time.sleep(interval)
+        for mid in sorted(waiting):
+            log.warning("silo node %d sent no %s reply within strategy.round-timeout=%.0f s; "
+                        "the round goes on without it", self.loop.destinations.get(mid, -1),
+                        kind, self.timeout)
+
+    def drain(self) -> None:
+        """Consume what the aggregation did not (so bytes and missing silos are complete)."""
+        for _ in self._gen if self._gen is not None else self:
+            pass
+
+
+def tap(replies: Iterable[Message], *observers: Callable[[Message], None]) -> Iterator[Message]:
+    """Yield ``replies`` unchanged after showing each to every observer (no list is kept)."""
+    for msg in replies:
+        for observe in observers:
+            observe(msg)
+        yield msg
+
+
 def weighted_metric(replies: list[Message], key: str, weight_key: str = NUM_EXAMPLES,
                     metrics_key: str = METRICS) -> float | None:
     num, den = 0.0, 0.0
@@ -140,19 +302,20 @@ class RoundLoop:
     replies (:meth:`accepted_evaluate_replies`), which every strategy does the same way.
     """
 
-    last_train_replies: list[Message]
+    last_train_replies: int = 0  # replies received in the last training round (not kept)
     last_evaluate_replies: list[Message]
     destinations: dict[str, int] = {}  # message id -> silo node id of the last send
     accepted_replies: int = 0
     rejected_replies: int = 0
     problems: list[str] = []
 
-    def settle_train(self, good: list[Message], problems: list[str]) -> None:
-        """Log the round's rejected train replies and count accepted and rejected ones."""
+    def settle_train(self, good: int | list[Message], problems: list[str]) -> None:
+        """Log the round's rejected train replies and count accepted (``good``) and rejected."""
         for p in problems:
             log.warning("%s", p)
         self.problems = problems
-        self.accepted_replies, self.rejected_replies = len(good), len(problems)
+        count = good if isinstance(good, int) else len(good)
+        self.accepted_replies, self.rejected_replies = count, len(problems)
 
     def accepted_evaluate_replies(self, server_round: int, replies: Iterable[Message]
                                   ) -> list[Message]:
@@ -232,15 +395,17 @@ class RoundLoop:
         for server_round in range(start_round, num_rounds + 1):
             t0 = time.time()
             rec = RoundRecord(round=server_round)
-            replies, down, up = self._send(
-                grid,
+            stream = ReplyStream(
+                self, grid,
                 self.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid),
                 timeout,
             )
-            rec.bytes_down += down
-            rec.bytes_up += up
-            self.last_train_replies = replies
-            new_arrays, metrics = self.aggregate_train(server_round, replies)
+            # aggregate_train folds each reply as it arrives; no list of replies is kept
+            new_arrays, metrics = self.aggregate_train(server_round, stream)
+            stream.drain()
+            rec.bytes_down += stream.down
+            rec.bytes_up += stream.up
+            self.last_train_replies = stream.received
             if new_arrays is not None:
                 arrays = new_arrays
             else:
@@ -250,9 +415,9 @@ class RoundLoop:
                 rec.train_loss = metrics.get(TRAIN_LOSS)
                 rec.extra.update({k: v for k, v in metrics.items()
                                   if k not in (TRAIN_LOSS, NUM_EXAMPLES, ROUND)})
-            rec.replies = getattr(self, "accepted_replies", len(replies))
+            rec.replies = getattr(self, "accepted_replies", stream.received)
             if rec.replies:
-                rec.extra["bytes_up_per_silo"] = rec.bytes_up // max(len(replies), 1)
+                rec.extra["bytes_up_per_silo"] = rec.bytes_up // max(stream.received, 1)
             rec.failures = getattr(self, "rejected_replies", 0)
             self.evaluate_round(grid, server_round, arrays, evaluate_config, timeout, rec)
             if server_evaluate:
