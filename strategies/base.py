@@ -146,17 +146,20 @@ class MetricsFold:
 
 
 class WeightedSum:
-    """The running FedAvg of adapter states: one float64 array per tensor, whatever the silos.
+    """The running FedAvg of adapter states: two float64 arrays per tensor, whatever the silos.
 
-    :meth:`add` folds ``weight * state`` into the sums (float64) and drops the state; :meth:`mean`
-    is ``sum_i w_i x_i / sum_i w_i`` cast to float32. Memory is one float64 copy of the
-    adapter, independent of how many silos reply. The float64 sums depend on the order of
-    arrival only below float32 precision (relative 1e-13 for 1024 silos), so the float32 mean
-    is the same for every order except for a value within that distance of a rounding tie.
+    :meth:`add` folds ``weight * state`` into compensated float64 sums (Neumaier: a sum and the
+    exact rounding errors it dropped) and keeps no state; :meth:`mean` is
+    ``sum_i w_i x_i / sum_i w_i`` rounded to float32. With integer weights (num-examples) each
+    product of a float32 value is exact in float64 and the compensated sum is the exact sum
+    rounded once, so the result does not depend on the order in which replies arrive (reruns
+    and resumed runs are bit-identical), except for sums beyond ~100 bits of dynamic range.
+    Memory: two float64 copies of the adapter, independent of the number of silos.
     """
 
     def __init__(self) -> None:
         self.sums: OrderedDict[str, np.ndarray] | None = None
+        self.errors: OrderedDict[str, np.ndarray] | None = None
         self.total = 0.0
         self.count = 0
 
@@ -164,16 +167,23 @@ class WeightedSum:
         w = float(weight)
         if self.sums is None:
             self.sums = OrderedDict((k, np.asarray(v, np.float64) * w) for k, v in state.items())
+            self.errors = OrderedDict((k, np.zeros_like(v)) for k, v in self.sums.items())
         else:
+            assert self.errors is not None
             for k, acc in self.sums.items():
-                acc += np.asarray(state[k], np.float64) * w
+                x = np.asarray(state[k], np.float64) * w
+                t = acc + x
+                # Neumaier: the part of (acc + x) that the float64 sum t rounded away, exactly
+                self.errors[k] += np.where(np.abs(acc) >= np.abs(x), (acc - t) + x, (x - t) + acc)
+                acc[...] = t
         self.total += w
         self.count += 1
 
     def mean(self) -> OrderedDict[str, np.ndarray]:
-        if self.sums is None or not self.total > 0:
+        if self.sums is None or self.errors is None or not self.total > 0:
             raise ValueError("weighted mean: no weight was added (the weights sum to zero)")
-        return OrderedDict((k, (v / self.total).astype(np.float32)) for k, v in self.sums.items())
+        return OrderedDict((k, ((v + self.errors[k]) / self.total).astype(np.float32))
+                           for k, v in self.sums.items())
 
 
 class ReplyStream:
@@ -393,7 +403,7 @@ class RoundLoop:
             if on_round_end:
                 on_round_end(rec, arrays)
         for server_round in range(start_round, num_rounds + 1):
-            t0 = time.time()
+            t0, cpu0 = time.time(), time.process_time()
             rec = RoundRecord(round=server_round)
             stream = ReplyStream(
                 self, grid,
@@ -423,6 +433,9 @@ class RoundLoop:
             if server_evaluate:
                 rec.extra.update(server_evaluate(server_round, arrays))
             rec.seconds = time.time() - t0
+            # the server's own cost (waiting for silos excluded): CPU seconds and peak memory
+            rec.extra["server_cpu_seconds"] = time.process_time() - cpu0
+            rec.extra["server_peak_rss_mb"] = peak_rss_mb()
             log.info(
                 "[round %d/%d] train_loss=%s eval_loss=%s ppl=%s up=%s down=%s silos=%d "
                 "dropped=%d (%.1f s)", server_round, num_rounds, _fmt(rec.train_loss),
@@ -432,6 +445,13 @@ class RoundLoop:
             if on_round_end:
                 on_round_end(rec, arrays)
         return arrays
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this (the server's) process so far, MiB (Linux ``ru_maxrss``)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _fmt(v: float | None) -> str:

@@ -84,14 +84,18 @@ def test_streamed_fedavg_is_the_exact_fedavg_and_keeps_no_reply(flower_identity)
     assert metrics["num-examples"] == sum(_weight(n) for n in nodes)
 
 
-def test_weighted_sum_holds_one_float64_array_per_tensor_whatever_the_silos():
-    acc = WeightedSum()
+def test_weighted_sum_holds_two_float64_arrays_per_tensor_and_ignores_arrival_order():
+    acc, backwards = WeightedSum(), WeightedSum()
     for n in range(1, 200):
         acc.add(_state(n), _weight(n))
-    assert len(acc.sums) == len(TEMPLATE)
+    for n in reversed(range(1, 200)):
+        backwards.add(_state(n), _weight(n))
+    assert len(acc.sums) == len(acc.errors) == len(TEMPLATE)
     assert all(v.dtype == np.float64 and v.shape == TEMPLATE[k].shape
                for k, v in acc.sums.items())
     assert acc.count == 199
+    for k, v in acc.mean().items():
+        np.testing.assert_array_equal(v, backwards.mean()[k])
 
 
 def test_a_malformed_reply_mid_stream_is_named_and_what_was_folded_is_kept(flower_identity):
