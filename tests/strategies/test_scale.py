@@ -279,3 +279,14 @@ def test_shield_server_asks_for_a_keyset_of_its_sample_size_and_refuses_a_small_
         strat.configure_train(1, ArrayRecord(), ConfigRecord(), Nodes(200))
     with pytest.raises(KeysetError, match="at most 1024"):
         strat.configure_evaluate(0, ArrayRecord(), ConfigRecord(), Nodes(4000))
+
+
+def test_keys_init_sizes_the_keyset_for_the_federation_and_refuses_past_1024(tmp_path, capsys):
+    from fedshield_flwr.cli import main
+    from fedshield_flwr.shield import ServerKeyset
+
+    assert main(["keys", "init", "--out", str(tmp_path / "k"), "--silos", "300"]) == 0
+    assert ServerKeyset.load(tmp_path / "k" / "shield-server.key").params.max_silos == 512
+    assert main(["keys", "init", "--out", str(tmp_path / "big"), "--silos", "2000"]) == 1
+    assert "at most 1024" in capsys.readouterr().err
+    assert not (tmp_path / "big" / "shield-silo.key").exists()
