@@ -190,13 +190,12 @@ class ReplyStream:
     """The replies to ``messages``, yielded one at a time as the SuperLink receives them.
 
     ``grid.send_and_receive`` returns only when every reply is in (or the timeout passed) and
-    holds them all; this pushes the messages, then pulls the replies in chunks of
-    :attr:`chunk` message ids so at most ``chunk`` replies are held before the consumer folds
-    them. Bytes up and down are counted on the way; silos that did not answer in time are
-    logged when the stream ends.
+    holds them all; this pushes the messages, then polls (one ``pull_messages`` per
+    ``pull_interval``, at most 0.5 s) and yields each reply as soon as it is pulled, so only the
+    replies that arrived since the previous poll are held before the consumer folds them. Bytes
+    up and down are counted on the way; silos that did not answer in time are logged when the
+    stream ends.
     """
-
-    chunk = 8
 
     def __init__(self, loop: RoundLoop, grid: Grid, messages: Iterable[Message],
                  timeout: float) -> None:
@@ -226,21 +225,22 @@ class ReplyStream:
         interval = min(float(getattr(self.grid, "pull_interval", 0.5)), 0.5)
         end = time.time() + self.timeout
         while waiting and time.time() < end:
-            got = False
-            ids = sorted(waiting)
-            for i in range(0, len(ids), self.chunk):
-                batch = list(self.grid.pull_messages(ids[i:i + self.chunk]))
-                while batch:
-                    msg = batch.pop(0)
-                    waiting.discard(msg.metadata.reply_to_message_id)
-                    self.received += 1
-                    if not msg.has_error():
-                        self.up += record_bytes(msg.content)
-                    got = True
-                    yield msg
-                    del msg
-            if not got:
+            # one pull per poll whatever the number of silos (a pull per chunk of ids made the
+            # server's polling cost grow with silos x round time); the batch holds only what
+            # arrived since the previous poll, and each reply is dropped once folded
+            batch = list(self.grid.pull_messages(sorted(waiting)))
+            if not batch:
                 time.sleep(interval)
+                continue
+            batch.reverse()
+            while batch:
+                msg = batch.pop()
+                waiting.discard(msg.metadata.reply_to_message_id)
+                self.received += 1
+                if not msg.has_error():
+                    self.up += record_bytes(msg.content)
+                yield msg
+                del msg
         for mid in sorted(waiting):
             log.warning("silo node %d sent no %s reply within strategy.round-timeout=%.0f s; "
                         "the round goes on without it", self.loop.destinations.get(mid, -1),
