@@ -31,7 +31,8 @@ def _setup(msg: Message, context: Context):
     server_round = p.message_round(msg)
     t0 = time.time()
     rt = get_runtime(cfg, node)
-    keyset = shield_silo.load_keyset(context.node_config, sh, sp.keys_tag(msg))
+    keyset = shield_silo.load_keyset(context.node_config, sh, sp.keys_tag(msg),
+                                     sp.keys_max_silos(msg))
     load_s = time.time() - t0
     t0 = time.time()
     optimizer = ServerOptimizer.from_settings(cfg.strategy)  # stepped here, never on the server

@@ -96,7 +96,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _shield_global(msg: Message, context: Context, r: SplitRound):
     """Decrypt the downlink onto the global head + tail adapter this silo holds."""
     sh = ShieldSettings.from_config(r.cfg)
-    keyset = shield_silo.load_keyset(context.node_config, sh, sp.keys_tag(msg))
+    keyset = shield_silo.load_keyset(context.node_config, sh, sp.keys_tag(msg),
+                                     sp.keys_max_silos(msg))
     global_adapter, state = shield_silo.caught_up(context.state, keyset, r.rt.initial,
                                                   sp.read_downlink(msg), str(context.node_id))
     return sh, keyset, global_adapter, state

@@ -90,16 +90,24 @@ def _keys_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["init"], help="init: create a new shield keyset")
     p.add_argument("--out", required=True, help="directory for shield-silo.key / shield-server.key")
     p.add_argument("--force", action="store_true", help="replace existing key files")
+    p.add_argument("--silos", type=int, default=0, help="silos a round samples: sizes the keyset "
+                   "(max_silos = next power of two, at least 64, at most 1024; default 64)")
 
 
 @command("keys", _keys_args)
 def keys(args: argparse.Namespace) -> int:
     """Create the CKKS keyset of the shield mode (silo file with secret, server file without)."""
     from fedshield_flwr.shield import write_keyset_files
+    from fedshield_flwr.shield.errors import KeysetError
     from fedshield_flwr.shield.keys import ServerKeyset
+    from fedshield_flwr.shield.params import params_for_silos
 
     try:
-        silo_path, server_path = write_keyset_files(args.out, overwrite=args.force)
+        params = params_for_silos(args.silos) if args.silos else None
+        silo_path, server_path = write_keyset_files(args.out, params, overwrite=args.force)
+    except KeysetError as exc:
+        print(f"fedshield keys: {exc}", file=sys.stderr)
+        return 1
     except FileExistsError as exc:
         print(f"fedshield keys: {exc} (nothing was changed; use --force to replace)",
               file=sys.stderr)

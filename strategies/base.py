@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,10 @@ from fedshield_flwr.protocol import (
     check_reply_round,
 )
 from fedshield_flwr.wire import record_bytes
+
+# record level DP: what a silo reports -> the round metric (the max over silos is reported)
+RECORD_DP_KEYS = ((DP_EPSILON, "dp_epsilon"), (DP_EPSILON_NEXT, "dp_epsilon_next"),
+                  ("dp-noise-multiplier", "dp_noise_multiplier"))
 
 log = logging.getLogger("fedshield.server")
 
@@ -89,6 +94,190 @@ def split_replies(
     return kept, problems
 
 
+def accepted(replies: Iterable[Message], server_round: int, phase: str,
+             destinations: Mapping[str, int] | None, problems: list[str]) -> Iterator[Message]:
+    """Streaming :func:`split_replies`: yield each reply that is not an error or a duplicate.
+
+    Problems are appended to ``problems`` as they are met; only the ids of the senders seen so
+    far are kept, never the replies.
+    """
+    seen: set[int] = set()
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            node = (destinations or {}).get(msg.metadata.reply_to_message_id, node)
+            problems.append(f"silo node {node} failed {phase} in round {server_round}: "
+                            f"{msg.error.reason}")
+            continue
+        if node in seen:
+            problems.append(f"silo node {node} sent a duplicated {phase} reply in round "
+                            f"{server_round}; the first one is kept")
+            continue
+        seen.add(node)
+        yield msg
+
+
+class MetricsFold:
+    """Weighted train loss, total examples and mean timings, folded one reply at a time.
+
+    The weighted train loss, examples, timings and record-level epsilon (the max over silos:
+    each silo protects its own rows, so the federation's guarantee is the weakest) of the
+    accepted replies, without keeping the replies.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.examples = 0.0
+        self._loss = [0.0, 0.0]  # weighted sum, weight
+        self._timings: dict[str, list[float]] = {}
+        self._dp: dict[str, float] = {}  # record-level DP: the max over silos (weakest guarantee)
+
+    def add(self, msg: Message, metrics_key: str = METRICS) -> None:
+        rec = msg.content.metric_records.get(metrics_key) or {}
+        self.count += 1
+        for key, name in RECORD_DP_KEYS:
+            if key in rec:
+                self._dp[name] = max(self._dp.get(name, float("-inf")), float(rec[key]))
+        w = float(rec.get(NUM_EXAMPLES, 1.0))
+        self.examples += float(rec.get(NUM_EXAMPLES, 0.0))
+        if TRAIN_LOSS in rec:
+            self._loss[0] += float(rec[TRAIN_LOSS]) * w
+            self._loss[1] += w
+        for key in TIMING_KEYS:
+            if key in rec:
+                acc = self._timings.setdefault("silo_" + key.replace("-", "_"), [0.0, 0.0])
+                acc[0] += float(rec[key])
+                acc[1] += 1
+
+    def record(self, num_examples: float | None = None, **extra: float) -> MetricRecord:
+        loss = self._loss[0] / self._loss[1] if self._loss[1] > 0 else 0.0
+        timings = {k: v[0] / v[1] for k, v in self._timings.items()}
+        n = self.examples if num_examples is None else num_examples
+        return MetricRecord({TRAIN_LOSS: float(loss), NUM_EXAMPLES: int(n), **extra, **timings,
+                             **self._dp})
+
+
+class WeightedSum:
+    """The running FedAvg of adapter states: two float64 arrays per tensor, whatever the silos.
+
+    :meth:`add` folds ``weight * state`` into compensated float64 sums (Neumaier: a sum and the
+    exact rounding errors it dropped) and keeps no state; :meth:`mean` is
+    ``sum_i w_i x_i / sum_i w_i`` rounded to float32. With integer weights (num-examples) each
+    product of a float32 value is exact in float64 and the compensated sum is the exact sum
+    rounded once, so the result does not depend on the order in which replies arrive (reruns
+    and resumed runs are bit-identical), except for sums beyond ~100 bits of dynamic range.
+    Memory: two float64 copies of the adapter, independent of the number of silos.
+    """
+
+    def __init__(self) -> None:
+        self.sums: OrderedDict[str, np.ndarray] | None = None
+        self.errors: OrderedDict[str, np.ndarray] | None = None
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, state: Mapping[str, np.ndarray], weight: float) -> None:
+        w = float(weight)
+        if self.sums is None:
+            self.sums = OrderedDict((k, np.asarray(v, np.float64) * w) for k, v in state.items())
+            self.errors = OrderedDict((k, np.zeros_like(v)) for k, v in self.sums.items())
+        else:
+            assert self.errors is not None
+            for k, acc in self.sums.items():
+                x = np.asarray(state[k], np.float64) * w
+                t = acc + x
+                # Neumaier: the part of (acc + x) that the float64 sum t rounded away, exactly
+                self.errors[k] += np.where(np.abs(acc) >= np.abs(x), (acc - t) + x, (x - t) + acc)
+                acc[...] = t
+        self.total += w
+        self.count += 1
+
+    def sum(self) -> OrderedDict[str, np.ndarray]:
+        """The compensated float64 sums ``sum_i w_i x_i``."""
+        if self.sums is None or self.errors is None:
+            raise ValueError("weighted sum: nothing was added")
+        return OrderedDict((k, v + self.errors[k]) for k, v in self.sums.items())
+
+    def mean(self) -> OrderedDict[str, np.ndarray]:
+        if self.sums is None or self.errors is None or not self.total > 0:
+            raise ValueError("weighted mean: no weight was added (the weights sum to zero)")
+        return OrderedDict((k, ((v + self.errors[k]) / self.total).astype(np.float32))
+                           for k, v in self.sums.items())
+
+
+class ReplyStream:
+    """The replies to ``messages``, yielded one at a time as the SuperLink receives them.
+
+    ``grid.send_and_receive`` returns only when every reply is in (or the timeout passed) and
+    holds them all; this pushes the messages, then polls (one ``pull_messages`` per
+    ``pull_interval``, at most 0.5 s) and yields each reply as soon as it is pulled, so only the
+    replies that arrived since the previous poll are held before the consumer folds them. Bytes
+    up and down are counted on the way; silos that did not answer in time are logged when the
+    stream ends.
+    """
+
+    def __init__(self, loop: RoundLoop, grid: Grid, messages: Iterable[Message],
+                 timeout: float) -> None:
+        self.loop, self.grid, self.timeout = loop, grid, timeout
+        self.messages = list(messages)
+        self.down = sum(record_bytes(m.content) for m in self.messages)
+        self.up = 0
+        self.received = 0
+        self._gen: Iterator[Message] | None = None
+
+    def __iter__(self) -> Iterator[Message]:
+        if self._gen is not None:
+            raise RuntimeError("a ReplyStream can be consumed once")
+        self._gen = self._replies()
+        return self._gen
+
+    def _replies(self) -> Iterator[Message]:
+        if not self.messages:
+            return
+        kind = self.messages[0].metadata.message_type
+        pending = list(self.grid.push_messages(self.messages))
+        # The grid has set each message's id: remember which silo it went to (see accepted()).
+        self.loop.destinations = {m.metadata.message_id: m.metadata.dst_node_id
+                                  for m in self.messages}
+        self.messages = []  # the payloads sent are not needed any more
+        waiting = set(pending)
+        interval = min(float(getattr(self.grid, "pull_interval", 0.5)), 0.5)
+        end = time.time() + self.timeout
+        while waiting and time.time() < end:
+            # one pull per poll whatever the number of silos (a pull per chunk of ids made the
+            # server's polling cost grow with silos x round time); the batch holds only what
+            # arrived since the previous poll, and each reply is dropped once folded
+            batch = list(self.grid.pull_messages(sorted(waiting)))
+            if not batch:
+                time.sleep(interval)
+                continue
+            batch.reverse()
+            while batch:
+                msg = batch.pop()
+                waiting.discard(msg.metadata.reply_to_message_id)
+                self.received += 1
+                if not msg.has_error():
+                    self.up += record_bytes(msg.content)
+                yield msg
+                del msg
+        for mid in sorted(waiting):
+            log.warning("silo node %d sent no %s reply within strategy.round-timeout=%.0f s; "
+                        "the round goes on without it", self.loop.destinations.get(mid, -1),
+                        kind, self.timeout)
+
+    def drain(self) -> None:
+        """Consume what the aggregation did not (so bytes and missing silos are complete)."""
+        for _ in self._gen if self._gen is not None else self:
+            pass
+
+
+def tap(replies: Iterable[Message], *observers: Callable[[Message], None]) -> Iterator[Message]:
+    """Yield ``replies`` unchanged after showing each to every observer (no list is kept)."""
+    for msg in replies:
+        for observe in observers:
+            observe(msg)
+        yield msg
+
+
 def weighted_metric(replies: list[Message], key: str, weight_key: str = NUM_EXAMPLES,
                     metrics_key: str = METRICS) -> float | None:
     num, den = 0.0, 0.0
@@ -128,29 +317,6 @@ def evaluate_metrics(good: list[Message]) -> MetricRecord | None:
                          **{k: v for k, v in generation.items() if v is not None}, **timings})
 
 
-def train_metrics(good: list[Message], num_examples: float, **extra: float) -> MetricRecord:
-    """Weighted train loss, examples and mean timings of accepted train replies.
-
-    With record-level DP also ``dp_epsilon`` / ``dp_epsilon_next``: the largest epsilon any silo
-    has spent (each silo protects its own rows, so the federation's guarantee is the weakest).
-    """
-    return MetricRecord({TRAIN_LOSS: float(weighted_metric(good, TRAIN_LOSS) or 0.0),
-                         NUM_EXAMPLES: int(num_examples), **extra, **silo_timings(good),
-                         **record_dp_metrics(good)})
-
-
-def record_dp_metrics(good: list[Message], metrics_key: str = METRICS) -> dict[str, float]:
-    """``dp_epsilon`` and ``dp_epsilon_next``: the max over silos of what they report."""
-    out: dict[str, float] = {}
-    for key, name in ((DP_EPSILON, "dp_epsilon"), (DP_EPSILON_NEXT, "dp_epsilon_next"),
-                      ("dp-noise-multiplier", "dp_noise_multiplier")):
-        vals = [float(m.content.metric_records[metrics_key][key]) for m in good
-                if key in m.content.metric_records.get(metrics_key, {})]
-        if vals:
-            out[name] = max(vals)
-    return out
-
-
 class RoundLoop:
     """Mixin with :meth:`run`: the loop with resume, round 0, bytes and a per-round callback.
 
@@ -158,7 +324,7 @@ class RoundLoop:
     replies (:meth:`accepted_evaluate_replies`), which every strategy does the same way.
     """
 
-    last_train_replies: list[Message]
+    last_train_replies: int = 0  # replies received in the last training round (not kept)
     last_evaluate_replies: list[Message]
     destinations: dict[str, int] = {}  # message id -> silo node id of the last send
     accepted_replies: int = 0
@@ -166,12 +332,13 @@ class RoundLoop:
     rejected_replies: int = 0
     problems: list[str] = []
 
-    def settle_train(self, good: list[Message], problems: list[str]) -> None:
-        """Log the round's rejected train replies and count accepted and rejected ones."""
+    def settle_train(self, good: int | list[Message], problems: list[str]) -> None:
+        """Log the round's rejected train replies and count accepted (``good``) and rejected."""
         for p in problems:
             log.warning("%s", p)
         self.problems = problems
-        self.accepted_replies, self.rejected_replies = len(good), len(problems)
+        count = good if isinstance(good, int) else len(good)
+        self.accepted_replies, self.rejected_replies = count, len(problems)
 
     def accepted_evaluate_replies(self, server_round: int, replies: Iterable[Message]
                                   ) -> list[Message]:
@@ -256,17 +423,19 @@ class RoundLoop:
                          server_round, num_rounds, next_epsilon, self.dp_budget,
                          server_round - 1)
                 break
-            t0 = time.time()
+            t0, cpu0 = time.time(), time.process_time()
             rec = RoundRecord(round=server_round)
-            replies, down, up = self._send(
-                grid,
+            stream = ReplyStream(
+                self, grid,
                 self.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid),
                 timeout,
             )
-            rec.bytes_down += down
-            rec.bytes_up += up
-            self.last_train_replies = replies
-            new_arrays, metrics = self.aggregate_train(server_round, replies)
+            # aggregate_train folds each reply as it arrives; no list of replies is kept
+            new_arrays, metrics = self.aggregate_train(server_round, stream)
+            stream.drain()
+            rec.bytes_down += stream.down
+            rec.bytes_up += stream.up
+            self.last_train_replies = stream.received
             if new_arrays is not None:
                 arrays = new_arrays
             else:
@@ -276,9 +445,9 @@ class RoundLoop:
                 rec.train_loss = metrics.get(TRAIN_LOSS)
                 rec.extra.update({k: v for k, v in metrics.items()
                                   if k not in (TRAIN_LOSS, NUM_EXAMPLES, ROUND)})
-            rec.replies = getattr(self, "accepted_replies", len(replies))
+            rec.replies = getattr(self, "accepted_replies", stream.received)
             if rec.replies:
-                rec.extra["bytes_up_per_silo"] = rec.bytes_up // max(len(replies), 1)
+                rec.extra["bytes_up_per_silo"] = rec.bytes_up // max(stream.received, 1)
             rec.failures = getattr(self, "rejected_replies", 0)
             self.evaluate_round(grid, server_round, arrays, evaluate_config, timeout, rec)
             if server_evaluate:
@@ -286,6 +455,9 @@ class RoundLoop:
             rec.seconds = time.time() - t0
             next_epsilon = rec.extra.get("dp_epsilon_next", next_epsilon)
             eps = rec.extra.get("dp_epsilon")
+            # the server's own cost (waiting for silos excluded): CPU seconds and peak memory
+            rec.extra["server_cpu_seconds"] = time.process_time() - cpu0
+            rec.extra["server_peak_rss_mb"] = peak_rss_mb()
             log.info(
                 "[round %d/%d] train_loss=%s eval_loss=%s ppl=%s%s up=%s down=%s silos=%d "
                 "dropped=%d (%.1f s)", server_round, num_rounds, _fmt(rec.train_loss),
@@ -296,6 +468,13 @@ class RoundLoop:
             if on_round_end:
                 on_round_end(rec, arrays)
         return arrays
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this (the server's) process so far, MiB (Linux ``ru_maxrss``)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _fmt(v: float | None) -> str:

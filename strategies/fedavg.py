@@ -24,7 +24,7 @@ from fedshield_flwr.dp.client import ClientDp
 from fedshield_flwr.optimizers import ServerOptimizer
 from fedshield_flwr.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, check_reply_round, reply_metrics
 from fedshield_flwr.wire import PayloadError, decode_adapter, decode_arrays, encode_arrays
-from strategies.base import RoundLoop, evaluate_metrics, split_replies, train_metrics
+from strategies.base import MetricsFold, RoundLoop, WeightedSum, accepted, evaluate_metrics
 
 log = logging.getLogger("fedshield.server")
 
@@ -32,10 +32,12 @@ log = logging.getLogger("fedshield.server")
 def weighted_average(
     states: list[Mapping[str, np.ndarray]], weights: list[float]
 ) -> "OrderedDict[str, np.ndarray]":
-    """Exact weighted mean of adapter states (accumulated in float64).
+    """Exact weighted mean of a list of adapter states (accumulated in float64).
 
-    Contributions are summed in a canonical order (by weight, then content digest) so the result
-    does not depend on the order in which replies arrived: reruns are bit-identical.
+    Contributions are summed in a canonical order (by weight, then content digest), so the
+    result does not depend on the order of the list. The strategies do not build such a list:
+    they fold each reply into a :class:`~strategies.base.WeightedSum` as it arrives (the same
+    float64 sums in arrival order); this is the reference they are tested against.
     """
     total = float(sum(weights))
     if total <= 0:
@@ -48,15 +50,10 @@ def weighted_average(
         return h.hexdigest()
 
     order = sorted(range(len(states)), key=lambda i: (weights[i], digest(states[i])))
-    states = [states[i] for i in order]
-    weights = [weights[i] for i in order]
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    for key in states[0]:
-        acc = np.zeros(states[0][key].shape, dtype=np.float64)
-        for state, w in zip(states, weights):
-            acc += state[key].astype(np.float64) * (w / total)
-        out[key] = acc.astype(np.float32)
-    return out
+    acc = WeightedSum()
+    for i in order:
+        acc.add(states[i], weights[i])
+    return acc.mean()
 
 
 class LoraFedAvg(RoundLoop, FedAvg):
@@ -133,26 +130,38 @@ class LoraFedAvg(RoundLoop, FedAvg):
     def average_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply; the exact weighted mean of the valid ones and their metrics."""
-        kept, problems = split_replies(replies, server_round, "train", self.destinations)
-        states, weights, good = [], [], []
-        for msg in kept:
+        """Validate every reply; the exact weighted mean of the valid ones and their metrics.
+
+    ``replies`` may be a :class:`~strategies.base.ReplyStream`: it is consumed once, in order
+    of arrival, and memory holds the float64 running sums, not the replies.
+    """
+        problems: list[str] = []
+        acc, fold = WeightedSum(), MetricsFold()
+        reference = self.dp_reference() if self.client_dp is not None else None
+        examples = 0.0  # under client DP acc.total counts replies, this their examples
+        # Each reply is validated on its own and folded as it arrives; none is kept (a bad one
+        # is named in problems and leaves the running sums untouched).
+        for msg in accepted(replies, server_round, "train", self.destinations, problems):
             try:
                 state, weight = self.validate_train_reply(msg, server_round)
             except PayloadError as exc:
                 problems.append(str(exc))
                 continue
-            states.append(state)
-            weights.append(weight)
-            good.append(msg)
-        self.settle_train(good, problems)
-        if not states:
+            if self.client_dp is not None:  # its clipped update, unweighted (uniform mean)
+                acc.add(self.client_dp.clip(state, reference), 1.0)
+                examples += weight
+            else:
+                acc.add(state, weight)
+            fold.add(msg)
+            del state, msg
+        self.settle_train(acc.count, problems)
+        if not acc.count:
             return None, None
         if self.client_dp is not None:  # clipped, uniform, noised (weights would raise C/n)
-            mean = self.client_dp.aggregate(server_round, states, self.dp_reference())
-            extra = self.client_dp.end_round(server_round, len(states))
-            return encode_arrays(mean), train_metrics(good, sum(weights), **extra)
-        return encode_arrays(weighted_average(states, weights)), train_metrics(good, sum(weights))
+            mean = self.client_dp.aggregate_sum(server_round, acc.sum(), reference)
+            extra = self.client_dp.end_round(server_round, acc.count)
+            return encode_arrays(mean), fold.record(examples, **extra)
+        return encode_arrays(acc.mean()), fold.record(acc.total)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return evaluate_metrics(self.accepted_evaluate_replies(server_round, replies))

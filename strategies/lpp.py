@@ -39,6 +39,7 @@ from fedshield_flwr.lpp.protocol import (
 )
 from fedshield_flwr.packages.delivery import PackageDelivery
 from fedshield_flwr.wire import decode_arrays, encode_arrays
+from strategies.base import tap
 from strategies.fedavg import LoraFedAvg
 
 log = logging.getLogger("fedshield.server")
@@ -131,9 +132,9 @@ class LppStrategy(LoraFedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self._track(replies)
-        merged, metrics = self.average_train(server_round, replies)
+        # fold each reply as it arrives (delivery bookkeeping sees it first); none is kept
+        merged, metrics = self.average_train(
+            server_round, tap(replies, lambda msg: self._track([msg])))
         if merged is None:
             return None, None
         assert self._fp is not None and self._sent is not None, "configure_train did not run"

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedshield_flwr.dp.client import ClientDp
-from fedshield_flwr.protocol import CONFIG, NUM_EXAMPLES, ROUND, check_reply_round, reply_metrics
+from fedshield_flwr.protocol import CONFIG, ROUND, check_reply_round, reply_metrics
 from fedshield_flwr.shield import (
     AggregateLog,
     PayloadError,
@@ -38,14 +38,17 @@ from fedshield_flwr.shield import (
     ServerKeyset,
     prune_ratio,
 )
+from fedshield_flwr.shield.errors import KeysetError
+from fedshield_flwr.shield.params import MAX_SILOS_LIMIT, params_for_silos
 from fedshield_flwr.shield.protocol import (
     FINAL_ROUND,
     GLOBAL_ROUND,
+    MAX_SILOS,
     PRUNE_RATIO,
     payload_bytes,
     server_message,
 )
-from strategies.base import RoundLoop, evaluate_metrics, split_replies, train_metrics
+from strategies.base import MetricsFold, RoundLoop, accepted, evaluate_metrics
 
 log = logging.getLogger("fedshield.server")
 
@@ -107,10 +110,32 @@ class ShieldStrategy(RoundLoop, FedAvg):
         self.log = AggregateLog.from_bytes(self.keyset, blob)
 
     # ------------------------------------------------------------------ messages
+    def silos_per_round(self, grid: Grid) -> int:
+        """How many silos a training round samples (and sums) in this federation."""
+        num = int(len(list(grid.get_node_ids())) * self.fraction_train)
+        return max(num, self.min_train_nodes, 1)
+
+    def check_capacity(self, server_round: int, silos: int) -> None:
+        """Refuse a round that would sum more updates than the keyset holds (server side)."""
+        if silos > MAX_SILOS_LIMIT:
+            params_for_silos(silos)  # raises, naming the limit and the remedy
+        if self._keyset is None and server_round == 0:
+            return  # simulation: the silos provision a keyset sized by MAX_SILOS in round 0
+        limit = self.keyset.params.max_silos
+        if silos > limit:
+            raise KeysetError(
+                f"server, round {server_round}: the strategy samples {silos} silos per round but "
+                f"shield keyset {self.keyset.key_id} sums at most max_silos={limit}; provision "
+                f"one for this federation (`fedshield keys init --silos {silos}`, up to "
+                f"{MAX_SILOS_LIMIT}) or sample fewer silos (strategy.fraction-train)")
+
     def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, fraction: float,
                   min_nodes: int, message_type: str) -> list[Message]:
         if fraction == 0.0:
             return []
+        silos = self.silos_per_round(grid)
+        self.check_capacity(server_round, silos)
+        config[MAX_SILOS] = silos  # a keyset provisioned in simulation is sized for this
         num = int(len(list(grid.get_node_ids())) * fraction)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num, min_nodes))
         config[ROUND] = server_round
@@ -143,10 +168,12 @@ class ShieldStrategy(RoundLoop, FedAvg):
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept, problems = split_replies(replies, server_round, "train", self.destinations)
+        problems: list[str] = []
         acc = RoundAccumulator(self.keyset, server_round, schedule=self.schedule)
-        good = []
-        for msg in kept:
+        fold = MetricsFold()
+        # RoundAccumulator adds each payload to the running ciphertext sum as it arrives and
+        # keeps no payload; a bad one raises and leaves the sum untouched.
+        for msg in accepted(replies, server_round, "train", self.destinations, problems):
             node = msg.metadata.src_node_id
             try:
                 check_reply_round(msg, server_round)
@@ -158,15 +185,15 @@ class ShieldStrategy(RoundLoop, FedAvg):
                 problems.append(text)
                 continue
             self.known_round[node] = int(payload.base_round)
-            good.append(msg)
-        self.settle_train(good, problems)
-        if not good:
+            fold.add(msg)
+            del payload, msg
+        self.settle_train(fold.count, problems)
+        if not fold.count:
             return None, None
         self.aggregate_log().append(acc.finalize())
-        metrics = train_metrics(
-            good, sum(float(reply_metrics(m)[NUM_EXAMPLES]) for m in good),
+        metrics = fold.record(
             prune_ratio=float(prune_ratio(server_round, self.schedule)),
-            **(self.client_dp.end_round(server_round, len(good)) if self.client_dp else {}))
+            **(self.client_dp.end_round(server_round, fold.count) if self.client_dp else {}))
         marker = ArrayRecord(OrderedDict(
             [("aggregated-round", Array(np.array([server_round], np.int64)))]))
         return marker, metrics

@@ -44,6 +44,7 @@ from fedshield_flwr.packages.delivery import PackageDelivery
 from fedshield_flwr.split.protocol import MIDDLE_RECORD, relay_traffic
 from fedshield_flwr.split.relay.control import RelayControl
 from fedshield_flwr.wire import encode_arrays
+from strategies.base import tap
 from strategies.fedavg import LoraFedAvg
 from strategies.shield import ShieldStrategy
 
@@ -79,11 +80,16 @@ class RelayRounds:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        traffic = {"relay_bytes_up": 0.0, "relay_bytes_down": 0.0}
+
+        def observe(msg: Message) -> None:  # per reply, as it arrives: none is kept
+            self._track([msg])
+            for k, v in relay_traffic([msg], server_round).items():
+                traffic[k] += v
+
         self.relay.end_phase(server_round)
-        self._track(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        relay_metrics = {**self.relay.round_metrics(), **relay_traffic(replies, server_round)}
+        arrays, metrics = super().aggregate_train(server_round, tap(replies, observe))
+        relay_metrics = {**self.relay.round_metrics(), **traffic}
         if metrics is not None:
             for k, v in relay_metrics.items():
                 metrics[k] = v

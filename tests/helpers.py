@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
 
@@ -38,3 +39,23 @@ def tiny_run_config(**overrides: Any) -> dict[str, Any]:
     })
     cfg.update(overrides)
     return cfg
+
+
+class PushPull:
+    """``push_messages``/``pull_messages`` (what the strategies stream train replies with) for a
+    test grid that defines ``send_and_receive``: pushing delivers and keeps the replies by the id
+    of the message they answer; pulling hands each one out once."""
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for m in messages:
+            if not m.metadata.message_id:
+                m.metadata.__dict__["_message_id"] = str(uuid4())
+        box = self.__dict__.setdefault("_replies", {})
+        for r in self.send_and_receive(messages):
+            box[r.metadata.reply_to_message_id] = r
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        box = self.__dict__.setdefault("_replies", {})
+        return [box.pop(i) for i in list(message_ids) if i in box]

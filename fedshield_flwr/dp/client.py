@@ -126,23 +126,40 @@ def clip_update(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndar
     return OrderedDict(zip(keys, params)), norm
 
 
+def clipped_delta(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                  clipping_norm: float) -> OrderedDict[str, np.ndarray]:
+    """``clip(state - reference, C)`` in float64: what one silo adds to the private sum."""
+    clipped, _ = clip_update(state, reference, clipping_norm)
+    return OrderedDict((k, clipped[k] - np.asarray(reference[k], np.float64)) for k in reference)
+
+
+def noised_mean(delta_sum: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                plan: ClientDpPlan, num_sampled: int) -> OrderedDict[str, np.ndarray]:
+    """``reference + delta_sum / n + N(0, (sigma C / n)^2)`` (reference's dtypes).
+
+    ``delta_sum`` is the sum of :func:`clipped_delta` over the replies (streamed: the server
+    folds each reply into it as it arrives); ``n = num_sampled`` (the silos asked), not the
+    number of replies: see the module docstring.
+    """
+    keys = list(reference)
+    mean = [np.asarray(delta_sum[k], np.float64) / num_sampled for k in keys]
+    add_gaussian_noise_inplace(mean, compute_stdv(plan.noise_multiplier, plan.clipping_norm,
+                                                  num_sampled))
+    return OrderedDict((k, (np.asarray(reference[k], np.float64) + m).astype(
+        np.asarray(reference[k]).dtype)) for k, m in zip(keys, mean))
+
+
 def private_mean(states: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray],
                  plan: ClientDpPlan, num_sampled: int) -> OrderedDict[str, np.ndarray]:
     """``reference + sum_i clip(u_i) / n + N(0, (sigma C / n)^2)`` (float32, reference's dtypes).
 
     ``n = num_sampled`` (the silos asked), not ``len(states)``: see the module docstring.
     """
-    keys = list(reference)
-    total = [np.zeros(np.shape(reference[k]), np.float64) for k in keys]
+    total = OrderedDict((k, np.zeros(np.shape(reference[k]), np.float64)) for k in reference)
     for state in states:
-        clipped, _ = clip_update(state, reference, plan.clipping_norm)
-        for acc, k in zip(total, keys):
-            acc += clipped[k] - np.asarray(reference[k], np.float64)
-    mean = [t / num_sampled for t in total]
-    add_gaussian_noise_inplace(mean, compute_stdv(plan.noise_multiplier, plan.clipping_norm,
-                                                  num_sampled))
-    return OrderedDict((k, (np.asarray(reference[k], np.float64) + m).astype(
-        np.asarray(reference[k]).dtype)) for k, m in zip(keys, mean))
+        for k, d in clipped_delta(state, reference, plan.clipping_norm).items():
+            total[k] += d
+    return noised_mean(total, reference, plan, num_sampled)
 
 
 class ClientDp:
@@ -186,6 +203,18 @@ class ClientDp:
         """Central DP (fedavg, lpp): the noised uniform mean, as a new adapter state."""
         assert self.plan is not None, "begin_round did not run"
         return private_mean(states, reference, self.plan, self.sampled[server_round])
+
+    def clip(self, state: Mapping[str, np.ndarray],
+             reference: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        """One reply's clipped update (float64), to fold into a running sum."""
+        assert self.plan is not None, "begin_round did not run"
+        return clipped_delta(state, reference, self.plan.clipping_norm)
+
+    def aggregate_sum(self, server_round: int, delta_sum: Mapping[str, np.ndarray],
+                      reference: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        """Central DP from a streamed sum of :meth:`clip` results: the noised uniform mean."""
+        assert self.plan is not None, "begin_round did not run"
+        return noised_mean(delta_sum, reference, self.plan, self.sampled[server_round])
 
     def end_round(self, server_round: int, num_summed: int) -> dict[str, float]:
         """Account the round's release; the round metrics (``dp_epsilon`` ...)."""

@@ -24,6 +24,7 @@ SEAL_MAX_PRIME_BITS = 60  # SEAL's CoeffModulus::Create limit per prime
 # The server reduces its uint64 running sum mod q every floor((2**64 - 1) / q) updates (1024 for
 # the default 54-bit prime); 1024 silos at the default scale keep a headroom of ~181 per value.
 MAX_SILOS_LIMIT = 1024
+DEFAULT_MAX_SILOS = 64  # the smallest keyset a federation gets (the ShieldParams default)
 
 
 @dataclass(frozen=True)
@@ -123,3 +124,32 @@ class ShieldParams:
             raise
         except (TypeError, ValueError) as exc:
             raise KeysetError(f"invalid shield parameters {dict(data)!r}: {exc}") from exc
+
+
+def params_for_silos(silos: int, base: ShieldParams | None = None) -> ShieldParams:
+    """The keyset parameters for rounds that sum ``silos`` updates, selected automatically.
+
+    ``max_silos`` is the next power of two >= ``silos`` (at least :data:`DEFAULT_MAX_SILOS`), so
+    a small federation keeps the default headroom and a large one trades headroom for capacity:
+    at the default 54-bit prime and 2**34 scale the per-value bound :attr:`ShieldParams.
+    value_bound` is ~2896 for 64 silos and ~181 for 1024 (``|weight x update|`` per value,
+    far above what LoRA updates times ``shield.weight-scale`` reach). Ring, prime and scale are
+    unchanged, so the CKKS noise per silo is too.
+
+    Raises
+    ------
+    KeysetError
+        Past :data:`MAX_SILOS_LIMIT` (1024) silos per round, or for fewer than one.
+    """
+    silos = int(silos)
+    if silos > MAX_SILOS_LIMIT:
+        raise KeysetError(
+            f"shield: a round would sum {silos} silo updates but a keyset sums at most "
+            f"{MAX_SILOS_LIMIT} without overflow; sample fewer silos per round "
+            "(strategy.fraction-train / min-train-nodes) or split the federation")
+    if silos < 1:
+        raise KeysetError(f"shield: cannot provision a keyset for {silos} silos per round")
+    k = max(DEFAULT_MAX_SILOS, 1 << (silos - 1).bit_length())
+    base = base or ShieldParams()
+    return ShieldParams(poly_modulus_degree=base.poly_modulus_degree, prime_bits=base.prime_bits,
+                        scale_bits=base.scale_bits, max_silos=k)

@@ -29,6 +29,7 @@ PRUNE_RATIO = "prune-ratio"  # config (train): the round's public pruning ratio
 FINAL_ROUND = "final-round"  # config (evaluate): silos that export do so now
 EXPORT_DIR = "export-dir"  # config (simulation) or node config (deployment): where to export
 GLOBAL_ROUND = "global-round"  # reply metrics: round of the global adapter the silo holds
+MAX_SILOS = "max-silos"  # config: silos a round sums; sizes a keyset provisioned in simulation
 NODE_KEY_FILE = "shield-key"  # node config: path of the silo's shield-silo.key
 
 
@@ -55,6 +56,11 @@ def read_downlink(msg: Message) -> list[np.ndarray]:
 def keys_tag(msg: Message) -> str:
     """The keyset tag a server message names (silo side)."""
     return str(config_of(msg).get(KEYS_TAG, ""))
+
+
+def keys_max_silos(msg: Message) -> int:
+    """How many silos per round the server asks a simulated keyset to hold (0: the default)."""
+    return int(config_of(msg).get(MAX_SILOS, 0))
 
 
 def payload_record(payload: bytes) -> ArrayRecord:

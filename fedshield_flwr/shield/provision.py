@@ -23,6 +23,7 @@ from fedshield_flwr.shield.keys import (
     SiloKeyset,
     write_keyset_files,
 )
+from fedshield_flwr.shield.params import params_for_silos
 
 
 def simulation_key_dir(tag: str) -> Path:
@@ -31,8 +32,12 @@ def simulation_key_dir(tag: str) -> Path:
     return cache_root() / "shield-keys" / tag
 
 
-def silo_keyset(node_key_path: str, auto_keys: bool, tag: str) -> SiloKeyset:
-    """The silo's keyset: its node-config file, or (simulation) the run's shared keyset."""
+def silo_keyset(node_key_path: str, auto_keys: bool, tag: str, max_silos: int = 0) -> SiloKeyset:
+    """The silo's keyset: its node-config file, or (simulation) the run's shared keyset.
+
+    A simulated keyset is sized for ``max_silos`` updates per round (the server's count of the
+    silos it samples, :func:`~fedshield_flwr.shield.params.params_for_silos`; 0: the default).
+    """
     if node_key_path:
         return SiloKeyset.load(node_key_path)
     if not auto_keys:
@@ -45,7 +50,7 @@ def silo_keyset(node_key_path: str, auto_keys: bool, tag: str) -> SiloKeyset:
     with open(directory / ".lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (directory / SILO_KEY_FILE).exists():
-            write_keyset_files(directory)
+            write_keyset_files(directory, params_for_silos(max_silos) if max_silos else None)
         fcntl.flock(lock, fcntl.LOCK_UN)
     return SiloKeyset.load(directory / SILO_KEY_FILE)
 

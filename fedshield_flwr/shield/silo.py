@@ -30,9 +30,12 @@ from fedshield_flwr.wire import decode_arrays, encode_arrays
 STATE_KEY, GLOBAL_KEY, OPTIMIZER_KEY = "shield.state", "shield.global", "shield.optimizer"
 
 
-def load_keyset(node_config: Mapping[str, Any], settings: ShieldSettings, tag: str) -> SiloKeyset:
-    """This silo's keyset: its ``shield-key`` file, or the run's simulated one (``tag``)."""
-    return silo_keyset(str(node_config.get(NODE_KEY_FILE, "")), settings.auto_keys, tag)
+def load_keyset(node_config: Mapping[str, Any], settings: ShieldSettings, tag: str,
+                max_silos: int = 0) -> SiloKeyset:
+    """This silo's keyset: its ``shield-key`` file, or the run's simulated one (``tag``, sized
+    for ``max_silos`` updates per round)."""
+    return silo_keyset(str(node_config.get(NODE_KEY_FILE, "")), settings.auto_keys, tag,
+                       max_silos)
 
 
 def restore(store: RecordDict, initial: Mapping[str, np.ndarray]

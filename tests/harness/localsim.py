@@ -87,14 +87,16 @@ class LocalSimulationSuperLink:
         raise RuntimeError("superlink did not become healthy in 60 s")
 
     def flwr_run(self, run_config: str, num_supernodes: int = 2, timeout: float = 600,
-                 checked: bool = False) -> subprocess.CompletedProcess:
+                 checked: bool = False, federation: str = "") -> subprocess.CompletedProcess:
         """``flwr run . local --stream`` of this app.
 
+        ``federation`` adds simulation settings, e.g. ``client-resources-num-cpus=1``.
         ``checked=True`` runs it through ``fedshield run``, whose exit status says whether the run
         completed (that of flwr 1.42's ``flwr run`` is 0 either way).
         """
         flwr_args = [".", "local", "--stream", "--federation-config",
-                     f"num-supernodes={num_supernodes}", "--run-config", run_config]
+                     f"num-supernodes={num_supernodes} {federation}".strip(),
+                     "--run-config", run_config]
         cmd = ([sys.executable, "-m", "fedshield_flwr.cli", "run"] if checked
                else [str(BIN / "flwr"), "run"]) + flwr_args
         return subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True,

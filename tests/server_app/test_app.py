@@ -9,10 +9,10 @@ import pytest
 
 from fedshield_flwr.results import RunResults, record_outcome
 from server_app.app import main
-from tests.helpers import context, tiny_run_config
+from tests.helpers import PushPull, context, tiny_run_config
 
 
-class GoneGrid:
+class GoneGrid(PushPull):
     """Two silos that never answer an evaluation, and a SuperLink gone by the first training."""
 
     def get_node_ids(self):

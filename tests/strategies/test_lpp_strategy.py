@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from fedshield_flwr.lpp.adapter import AdapterQuantSpec, prepare_global_adapter
 from strategies.lpp import LppStrategy
-from tests.helpers import context, reply, server_message, tiny_run_config
+from tests.helpers import PushPull, context, reply, server_message, tiny_run_config
 
 TEMPLATE = OrderedDict([("a.lora_A.weight", np.zeros((4, 32), np.float32)),
                         ("a.lora_B.weight", np.zeros((32, 4), np.float32))])
@@ -40,7 +40,7 @@ def _train_reply(node, state, n=10, rnd=1):
                  RecordDict({"arrays": _arrays(state), "metrics": metrics}))
 
 
-class NodeGrid:
+class NodeGrid(PushPull):
     """Node sampling reads the node ids; base queries are answered from ``holders``."""
 
     def __init__(self, nodes, holders=()):
@@ -149,7 +149,7 @@ def test_base_goes_only_to_silos_without_it_and_again_after_a_failure(flower_ide
 # ---- whole rounds in-process: real ServerApp mode, real ClientApp, tiny Llama ---------------
 
 
-class HandlerGrid:
+class HandlerGrid(PushPull):
     """Delivers each message to the real ClientApp of its node, in-process; records traffic."""
 
     def __init__(self, run_config, num_nodes=3):

@@ -31,12 +31,12 @@ from fedshield_flwr.train import cosine_lr
 from fedshield_flwr.wire import decode_arrays, encode_arrays
 from server_app.split import SplitMode
 from strategies.fedavg import weighted_average
-from tests.helpers import context, reply, tiny_run_config
+from tests.helpers import PushPull, context, reply, tiny_run_config
 
 NODES = (11, 12)
 
 
-class FakeGrid:
+class FakeGrid(PushPull):
     """What the strategy asks a Grid for when it samples nodes."""
 
     def __init__(self, nodes=NODES):
