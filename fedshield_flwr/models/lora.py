@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -116,24 +115,34 @@ def apply_lora(model, settings: LoraSettings, seed: int = 0, base_path: str = ""
 
 
 def init_adapter_fp32(peft_model, seed: int) -> None:
-    """Draw every ``lora_A`` again in fp32 on the CPU, from a generator seeded by ``seed`` and
-    the tensor's name (``lora_B`` stays zero, so the model is unchanged at step 0).
+    """Set every ``lora_A`` to the fp32 values PEFT draws for it on an fp32 CPU base.
 
-    PEFT draws ``lora_A`` in fp32, then casts it to the base layer's dtype before keeping it
-    fp32: over a bf16 base (a CUDA silo, ``model.dtype``) the initial adapter would be
-    bf16-rounded and differ from a CPU party's. This draw depends on neither the device, nor the
-    base dtype, nor which other layers the model has. Same law as PEFT's default:
-    ``kaiming_uniform_(a=sqrt(5))``, i.e. uniform on ``+-1/sqrt(fan_in)``.
+    PEFT draws ``lora_A`` in fp32 on the CPU (from the global generator that :func:`apply_lora`
+    seeds), then casts it to the base layer's dtype and device: over a bf16 base (a CUDA silo,
+    ``model.dtype``) the initial adapter would be bf16-rounded and differ from a CPU party's,
+    which breaks shield's and split's silos that start from the same seeded adapter. This
+    replays PEFT's draws with a generator seeded by ``seed``, in the order PEFT makes them (per
+    LoRA layer: ``nn.Linear`` init of A, of B, then ``kaiming_uniform_(A, a=sqrt(5))``, i.e.
+    uniform on ``+-1/sqrt(fan_in)``), and copies the A draw in: the same values as PEFT over an
+    fp32 base, bit for bit, whatever the device and base dtype (``lora_B`` stays zero).
     """
+    from peft.tuners.lora import LoraLayer
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(shape: torch.Size) -> torch.Tensor:
+        bound = 1.0 / math.sqrt(shape[1])
+        return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+
     with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_A" not in name or param.ndim != 2:
+        for module in peft_model.modules():
+            if not isinstance(module, LoraLayer):
                 continue
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            bound = 1.0 / math.sqrt(param.shape[1])
-            value = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound,
-                                                                            generator=gen)
-            param.copy_(value.to(param.device))
+            for adapter, lora_a in module.lora_A.items():
+                draw(lora_a.weight.shape)  # nn.Linear's own init of A, overwritten by PEFT
+                draw(module.lora_B[adapter].weight.shape)  # nn.Linear's init of B (then zeroed)
+                value = draw(lora_a.weight.shape)
+                lora_a.weight.copy_(value.to(lora_a.weight.device, lora_a.weight.dtype))
 
 
 def get_adapter_state(peft_model) -> "OrderedDict[str, np.ndarray]":

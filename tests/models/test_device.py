@@ -75,3 +75,21 @@ def test_the_initial_adapter_is_the_same_over_a_bf16_base_as_over_fp32():
     assert all(v.dtype == "float32" for v in states[1].values())
     assert all((states[0][k] == states[1][k]).all() for k in states[0])
     assert any(abs(v).max() > 0 for k, v in states[0].items() if "lora_A" in k)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "falcon"])
+def test_the_initial_adapter_is_peft_s_own_draw_over_an_fp32_base(family):
+    # the replay in init_adapter_fp32 must not change what a CPU run starts from
+    from peft import get_peft_model
+
+    from fedshield_flwr.models.lora import lora_config
+    from fedshield_flwr.models.tiny import build_tiny_model
+
+    ours = get_adapter_state(apply_lora(build_tiny_model(family), LoraSettings(r=4), seed=5))
+    base = build_tiny_model(family)
+    torch.manual_seed(5)
+    theirs = get_adapter_state(get_peft_model(base, lora_config(
+        base.config.model_type, LoraSettings(r=4), model=base)))
+    assert ours.keys() == theirs.keys()
+    assert all((ours[k] == theirs[k]).all() for k in ours)
+    assert sum("lora_A" in k for k in ours) >= 4
