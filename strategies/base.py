@@ -95,9 +95,12 @@ def split_replies(
 
 
 def accepted(replies: Iterable[Message], server_round: int, phase: str,
-             destinations: Mapping[str, int] | None, problems: list[str]) -> Iterator[Message]:
+             destinations: Callable[[], Mapping[str, int] | None],
+             problems: list[str]) -> Iterator[Message]:
     """Streaming :func:`split_replies`: yield each reply that is not an error or a duplicate.
 
+    ``destinations`` is called for each error reply: a :class:`ReplyStream` sets the message
+    ids of the round only once it has pushed them, after this generator was created.
     Problems are appended to ``problems`` as they are met; only the ids of the senders seen so
     far are kept, never the replies.
     """
@@ -105,7 +108,7 @@ def accepted(replies: Iterable[Message], server_round: int, phase: str,
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
-            node = (destinations or {}).get(msg.metadata.reply_to_message_id, node)
+            node = (destinations() or {}).get(msg.metadata.reply_to_message_id, node)
             problems.append(f"silo node {node} failed {phase} in round {server_round}: "
                             f"{msg.error.reason}")
             continue

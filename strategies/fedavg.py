@@ -141,7 +141,7 @@ class LoraFedAvg(RoundLoop, FedAvg):
         examples = 0.0  # under client DP acc.total counts replies, this their examples
         # Each reply is validated on its own and folded as it arrives; none is kept (a bad one
         # is named in problems and leaves the running sums untouched).
-        for msg in accepted(replies, server_round, "train", self.destinations, problems):
+        for msg in accepted(replies, server_round, "train", lambda: self.destinations, problems):
             try:
                 state, weight = self.validate_train_reply(msg, server_round)
             except PayloadError as exc:

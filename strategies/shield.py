@@ -173,7 +173,7 @@ class ShieldStrategy(RoundLoop, FedAvg):
         fold = MetricsFold()
         # RoundAccumulator adds each payload to the running ciphertext sum as it arrives and
         # keeps no payload; a bad one raises and leaves the sum untouched.
-        for msg in accepted(replies, server_round, "train", self.destinations, problems):
+        for msg in accepted(replies, server_round, "train", lambda: self.destinations, problems):
             node = msg.metadata.src_node_id
             try:
                 check_reply_round(msg, server_round)

@@ -34,7 +34,7 @@ adapter so that a silo can export the merged adapter.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -87,8 +87,16 @@ class RelayRounds:
             for k, v in relay_traffic([msg], server_round).items():
                 traffic[k] += v
 
-        self.relay.end_phase(server_round)
-        arrays, metrics = super().aggregate_train(server_round, tap(replies, observe))
+        def then_revoke() -> Iterator[Message]:
+            # the tokens are revoked once every reply is in (or the round timed out), not when
+            # aggregation starts: a ReplyStream is consumed while the silos still train
+            try:
+                yield from tap(replies, observe)
+            finally:
+                self.relay.end_phase(server_round)
+
+        arrays, metrics = super().aggregate_train(server_round, then_revoke())
+        self.relay.end_phase(server_round)  # whatever the aggregation consumed
         relay_metrics = {**self.relay.round_metrics(), **traffic}
         if metrics is not None:
             for k, v in relay_metrics.items():

@@ -290,3 +290,30 @@ def test_keys_init_sizes_the_keyset_for_the_federation_and_refuses_past_1024(tmp
     assert main(["keys", "init", "--out", str(tmp_path / "big"), "--silos", "2000"]) == 1
     assert "at most 1024" in capsys.readouterr().err
     assert not (tmp_path / "big" / "shield-silo.key").exists()
+
+
+def test_a_streamed_error_reply_names_the_silo_it_was_sent_to(flower_identity):
+    # A SuperLink answers for a dead node with an error reply from itself (src node 0): the
+    # strategy must name the silo from the ids of the messages the stream pushed this round.
+    from flwr.app import Error, Message
+
+    nodes = [1, 2, 3]
+    dead = 3
+
+    def answer(m):
+        node = m.metadata.dst_node_id
+        if node != dead:
+            return _train_reply(node, _state(node), 10, to=m)
+        err = Message(Error(code=0, reason="node unavailable"), reply_to=m)
+        err.metadata.__dict__["_src_node_id"] = 0
+        return err
+
+    grid = DropoutGrid(nodes, answer, dropped=())
+    strat = LoraFedAvg(TEMPLATE, fraction_train=1.0, fraction_evaluate=0.0,
+                       min_train_nodes=3, min_available_nodes=3)
+    strat.destinations = {"stale-id": 99}  # what an earlier send left
+    initial = ArrayRecord(OrderedDict((k, Array(v)) for k, v in TEMPLATE.items()))
+    strat.run(grid, initial, num_rounds=1, timeout=2.0)
+    assert strat.rejected_replies == 1 and strat.accepted_replies == 2
+    assert any(p.startswith(f"silo node {dead} failed train in round 1: ")
+               for p in strat.problems), strat.problems
