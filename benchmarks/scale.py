@@ -67,6 +67,10 @@ def run_one(link: LocalSimulationSuperLink, mode: str, silos: int, args, out: Pa
                          f"{proc.stderr[-3000:]}")
     rounds = [r for r in json.loads(metrics.read_text())["rounds"] if r["round"] >= 1]
     last = rounds[-1]
+    if last["replies"] != part:  # a point where silos failed measures nothing about scale
+        raise SystemExit(f"{mode} with {silos} silos: {last['replies']} of {part} silos' train "
+                         f"replies were accepted ({last.get('failures', 0)} failed); see "
+                         f"{metrics.parent}")
     row = {
         "participants": part, "virtual_silos": silos, "replies": last["replies"],
         "server_seconds": last["server_cpu_seconds"],
