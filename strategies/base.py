@@ -75,29 +75,15 @@ def split_replies(
     that the SuperLink writes for an unreachable silo has the SuperLink as its source, and the
     problem must name the silo.
     """
-    kept: list[Message] = []
     problems: list[str] = []
-    seen: set[int] = set()
-    for msg in replies:
-        node = msg.metadata.src_node_id
-        if msg.has_error():
-            node = (destinations or {}).get(msg.metadata.reply_to_message_id, node)
-            problems.append(f"silo node {node} failed {phase} in round {server_round}: "
-                            f"{msg.error.reason}")
-            continue
-        if node in seen:
-            problems.append(f"silo node {node} sent a duplicated {phase} reply in round "
-                            f"{server_round}; the first one is kept")
-            continue
-        seen.add(node)
-        kept.append(msg)
+    kept = list(accepted(replies, server_round, phase, lambda: destinations, problems))
     return kept, problems
 
 
 def accepted(replies: Iterable[Message], server_round: int, phase: str,
              destinations: Callable[[], Mapping[str, int] | None],
              problems: list[str]) -> Iterator[Message]:
-    """Streaming :func:`split_replies`: yield each reply that is not an error or a duplicate.
+    """Yield each reply that is not an error or a duplicate (:func:`split_replies` as a stream).
 
     ``destinations`` is called for each error reply: a :class:`ReplyStream` sets the message
     ids of the round only once it has pushed them, after this generator was created.
