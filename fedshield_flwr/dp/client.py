@@ -198,12 +198,6 @@ class ClientDp:
                 NOISE_MULTIPLIER: self.plan.noise_multiplier,
                 SAMPLED_SILOS: int(self.sampled[server_round])}
 
-    def aggregate(self, server_round: int, states: Sequence[Mapping[str, np.ndarray]],
-                  reference: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
-        """Central DP (fedavg, lpp): the noised uniform mean, as a new adapter state."""
-        assert self.plan is not None, "begin_round did not run"
-        return private_mean(states, reference, self.plan, self.sampled[server_round])
-
     def clip(self, state: Mapping[str, np.ndarray],
              reference: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         """One reply's clipped update (float64), to fold into a running sum."""
