@@ -5,6 +5,8 @@ scale: small adapters, in-process grids.
 """
 
 import gc
+import threading
+import time
 import weakref
 from collections import OrderedDict
 from fractions import Fraction
@@ -18,7 +20,7 @@ from fedshield_flwr.lpp.adapter import AdapterQuantSpec, prepare_global_adapter
 from fedshield_flwr.shield import KeysetError, PruneSchedule, decrypt_aggregate, generate_keyset
 from fedshield_flwr.shield.params import MAX_SILOS_LIMIT, ShieldParams, params_for_silos
 from fedshield_flwr.shield.rounds import encrypt_update
-from strategies.base import WeightedSum
+from strategies.base import ServerCpuClock, WeightedSum
 from strategies.fedavg import LoraFedAvg
 from strategies.lpp import LppStrategy
 from strategies.shield import ShieldStrategy
@@ -317,3 +319,34 @@ def test_a_streamed_error_reply_names_the_silo_it_was_sent_to(flower_identity):
     assert strat.rejected_replies == 1 and strat.accepted_replies == 2
     assert any(p.startswith(f"silo node {dead} failed train in round 1: ")
                for p in strat.problems), strat.problems
+
+
+
+def _spin(seconds):
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_server_cpu_counts_the_server_and_relay_threads_not_the_simulation_engine():
+    """server_cpu_seconds: this thread and relay-* threads; a Flower engine thread is left out."""
+    clock = ServerCpuClock()
+    spun, release = threading.Event(), threading.Event()
+
+    def relay_work():
+        _spin(0.3)
+        spun.set()
+        release.wait()
+
+    engine = threading.Thread(target=_spin, args=(0.6,), name="Thread-7 (add_messages_to_queue)")
+    relay = threading.Thread(target=relay_work, name="relay-rpc_0")
+    engine.start()
+    relay.start()
+    _spin(0.2)
+    engine.join()
+    assert spun.wait(30)
+    spent = clock.elapsed()
+    release.set()
+    relay.join()
+    # 0.2 s in this thread + 0.3 s in the relay's; the engine's 0.6 s is not the server's
+    assert 0.45 <= spent <= 0.7, spent
