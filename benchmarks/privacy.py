@@ -7,6 +7,13 @@ same held-out silo rows and the same public text.
 
     PYTHONPATH=. .venv/bin/python benchmarks/privacy.py            # the full grid
     PYTHONPATH=. .venv/bin/python benchmarks/privacy.py --quick    # tiny:llama, seconds
+    PYTHONPATH=. .venv/bin/python benchmarks/privacy.py --only mia # refresh mia + sanity only
+
+``--only mia`` skips split's inversion grid and frontier, runs the update attacks and every
+released model's attack, and merges ``mia``, ``eval_loss_fedavg`` and the update sanity results
+into the existing JSON (the split keys are kept as they are). With ``--only-modes fedavg,lpp,shield``
+split is not trained at all and its released-model AUCs are kept from the JSON, flagged in
+``mia.final_model_kept``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split-steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny:llama, small grid (a smoke run)")
+    p.add_argument("--only", choices=["mia"], default=None,
+                   help="mia: only the membership attacks, merged into the existing --out JSON")
+    p.add_argument("--only-modes", default="fedavg,lpp,shield,split",
+                   help="with --only mia: the modes attacked (comma separated)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "privacy.json"))
     args = p.parse_args(argv)
 
@@ -50,9 +61,13 @@ def main(argv: list[str] | None = None) -> dict:
         head_layers=tuple(int(x) for x in args.head_layers.split(",")),
         dp_multipliers=tuple(float(x) for x in args.dp_multipliers.split(",")),
         public_rows=args.public_rows, eval_rows=args.eval_rows, split_steps=args.split_steps,
+        split_grid=args.only != "mia",
+        **({"modes": tuple(args.only_modes.split(","))} if args.only == "mia" else {}),
     )
     t0 = time.time()
     res = run_audit(cfg, opts)
+    if args.only == "mia":
+        return _merge_mia(res, Path(args.out), argv, time.time() - t0)
     run = res.get("split_run")
     if run is not None:
         res["split_default"] = {"settings": run["settings"],
@@ -70,6 +85,37 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(res))
     print(f"\nwrote {out}" + (f" and {png}" if png else ""))
     return res
+
+
+def _merge_mia(res: dict, out: Path, argv, wall_s: float) -> dict:
+    """Replace ``mia``, ``eval_loss_fedavg`` and the update sanity keys of the JSON at ``out``."""
+    import json
+
+    from fedshield_flwr.audit.report import table, write_json
+
+    old = json.loads(out.read_text()) if out.exists() else {}
+    kept = {}
+    for key in ("final_model_auc", "final_model_loss_threshold_auc"):
+        for mode, v in old.get("mia", {}).get(key, {}).items():
+            if mode not in res["mia"].get(key, {}):
+                res["mia"].setdefault(key, {})[mode] = v
+                kept.setdefault(key, []).append(mode)
+    if kept:
+        res["mia"]["final_model_kept"] = {
+            "modes": sorted({m for v in kept.values() for m in v}),
+            "why": "not re-run by --only mia (kept from the previous run of the JSON)"}
+    old["mia"] = res["mia"]
+    old["eval_loss_fedavg"] = res.get("eval_loss_fedavg")
+    sanity = old.setdefault("sanity", {})
+    for k, v in res.get("sanity", {}).items():
+        if k.startswith("fedavg_update_mia"):
+            sanity[k] = v
+    old["mia_command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
+    old["mia_wall_s"] = wall_s
+    write_json(old, out)
+    print(table(old))
+    print(f"\nmerged mia and sanity into {out}")
+    return old
 
 
 def _round1_recovery(res: dict, settings: dict):

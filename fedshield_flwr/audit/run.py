@@ -62,6 +62,9 @@ class AuditOptions:
         Candidates of the white-box nearest-neighbour attack (0: the whole vocabulary).
     frontier : bool
         Also train split at each ``dp_multipliers`` point for its held-out loss.
+    split_grid : bool
+        Run split's inversion grid (and the frontier); ``False``: only split's training round
+        (gradients, trained head, the released model's membership inference).
     progress : bool
     """
 
@@ -74,6 +77,7 @@ class AuditOptions:
     split_steps: int = 8
     nn_vocab: int = 0
     frontier: bool = True
+    split_grid: bool = True
     progress: bool = True
 
 
@@ -252,9 +256,12 @@ def split_training(cfg: RunConfig, data: AuditData, tok, opts: AuditOptions, out
     # the released split model: the merged adapter on the unsplit model
     model = full_model(cfg)
     set_adapter_state(model, merge_adapter_states(silo.adapter_state(), middle.adapter_state()))
-    members = [data.silo_train[i] for i in sorted({i for idx in sched for i in idx})]
+    from fedshield_flwr.audit.updates import candidate_rows
+
+    members, nonmembers, _ = candidate_rows(data.silo_train, {i for idx in sched for i in idx},
+                                            data.silo_eval)
     out.setdefault("_final_models", {})["split"] = model
-    out.setdefault("_members", {})["split"] = members
+    out.setdefault("_members", {})["split"] = (members, nonmembers)
 
 
 def split_frontier(cfg: RunConfig, data: AuditData, tok, opts: AuditOptions, out: dict) -> None:
@@ -307,14 +314,31 @@ def _settings_dict(s) -> dict:
             "noise_multiplier": s.noise_multiplier, "dp_delta": s.dp_delta}
 
 
+def shadow_update(cfg: RunConfig, data: AuditData, pad_id: int):
+    """The server's own local round on its public rows (same config, from the same ``g``)."""
+    model = full_model(cfg)
+    _, shadow, _ = local_round(cfg, model, data.public_tok, pad_id)
+    del model
+    return shadow
+
+
 def update_attacks(cfg: RunConfig, data: AuditData, tok, opts: AuditOptions, out: dict) -> None:
-    """fedavg / lpp / shield: the server's update attack, shield's two views, eval losses."""
+    """fedavg / lpp / shield: the server's update attack, shield's two views, eval losses.
+
+    Every update is attacked with :func:`~fedshield_flwr.audit.updates.strong_attack` (the
+    server's shadow update from its own local round on the public rows, extrapolated, log
+    ratio); the plain ``loss(g) - loss(g + u)`` attack is reported beside it (``mia["plain"]``).
+    """
+    from fedshield_flwr.audit.membership import row_losses
     from fedshield_flwr.audit.updates import (
+        PLAIN,
         add_states,
+        candidate_rows,
         colluding_silo_update,
         server_view_update,
         shield_upload,
         state_norm,
+        strong_attack,
         update_auc,
         update_scores,
     )
@@ -325,49 +349,71 @@ def update_attacks(cfg: RunConfig, data: AuditData, tok, opts: AuditOptions, out
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     L = cfg.data.max_length
     mia = out.setdefault("mia", {})
-    nonmembers = data.silo_eval
     fp_model = full_model(cfg)
     modes = [m for m in ("fedavg", "lpp", "shield") if m in opts.modes]
-    need_fedavg = "fedavg" in modes or "shield" in modes
-    if need_fedavg:
+    if not modes:
+        out["_fp_model"] = fp_model
+        return
+    attack = strong_attack(shadow_update(cfg, data, pad_id))
+    mia["attack"] = {"name": "shadow-calibrated extrapolated log-ratio",
+                     "alpha": attack.alpha, "log_ratio": attack.log_ratio,
+                     "shadow_rows": len(data.public_tok)}
+    plain = mia.setdefault("plain", {})
+    sanity = out.setdefault("sanity", {})
+
+    def before(members, nonmembers):
+        return (row_losses(fp_model, tok, members, max_length=L),
+                row_losses(fp_model, tok, nonmembers, max_length=L))
+
+    if "fedavg" in modes or "shield" in modes:
         g, u, idx = local_round(cfg, fp_model, data.silo_train_tok, pad_id)
-        members = [data.silo_train[i] for i in idx]
-        mia["members"], mia["nonmembers"] = len(members), len(nonmembers)
+        members, nonmembers, n_held = candidate_rows(data.silo_train, idx, data.silo_eval)
+        mia.update(members=len(members), nonmembers=len(nonmembers),
+                   nonmembers_held_out=n_held, rows_drawn=len(idx))
         out["eval_loss_fedavg"] = evaluate(fp_model, data.silo_eval_tok, 16, pad_id).loss
         set_adapter_state(fp_model, g)
-        fed = update_auc(fp_model, tok, g, u, members, nonmembers, max_length=L)
+        b = before(members, nonmembers)
+        fed = update_auc(fp_model, tok, g, u, members, nonmembers, max_length=L, attack=attack,
+                         before=b)
+        plain["fedavg_server_auc"] = update_auc(fp_model, tok, g, u, members, nonmembers,
+                                                max_length=L, attack=PLAIN, before=b)
         if "fedavg" in modes:
             mia["fedavg_server_auc"] = fed
-        out.setdefault("sanity", {})["fedavg_update_mia"] = {
-            "auc": fed, "required": 0.7, "strong_enough": bool(fed >= 0.7)}
-        # the same scores on random candidate rows it never trained on: chance
+        sanity["fedavg_update_mia"] = {
+            "auc": fed, "auc_plain": plain["fedavg_server_auc"], "required": 0.7,
+            "strong_enough": bool(fed >= 0.7)}
+        # the same scores on a random split of rows it never trained on: chance
         half = len(nonmembers) // 2
         if half >= 2:
-            rnd = update_scores(fp_model, tok, g, u, nonmembers, max_length=L)
-            out["sanity"]["fedavg_update_mia_random_split"] = {"auc": auc(rnd[:half], rnd[half:])}
-        out.setdefault("_final_models", {})["fedavg"] = (add_states(g, u), members)
+            order = np.random.default_rng(cfg.train.seed).permutation(len(nonmembers))
+            rnd = update_scores(fp_model, tok, g, u, nonmembers, max_length=L, attack=attack,
+                                before=b[1])[order]
+            sanity["fedavg_update_mia_random_split"] = {"auc": auc(rnd[:half], rnd[half:])}
+        out.setdefault("_final_models", {})["fedavg"] = (add_states(g, u), members, nonmembers)
         if "shield" in modes:
             sh = ShieldSettings.from_flat(cfg.extra)
             weight = len(idx) * sh.weight_scale
             silo_ks, server_ks, _, payload, aggregate = shield_upload(u, weight=weight)
             view = server_view_update(payload, u, server_ks.modulus, state_norm(u))
             mia["shield_server_auc"] = update_auc(fp_model, tok, g, view, members, nonmembers,
-                                                  max_length=L)
+                                                  max_length=L, attack=attack, before=b)
             decrypted = colluding_silo_update(silo_ks, aggregate, u)
             mia["shield_colluding_silo_auc"] = update_auc(fp_model, tok, g, decrypted, members,
-                                                          nonmembers, max_length=L)
+                                                          nonmembers, max_length=L,
+                                                          attack=attack, before=b)
             mia["shield_decryption_max_error"] = float(max(
                 np.abs(decrypted[k] - u[k]).max() for k in u))
-            out["_final_models"]["shield"] = (add_states(g, decrypted), members)
+            out["_final_models"]["shield"] = (add_states(g, decrypted), members, nonmembers)
     if "lpp" in modes:
         q_model = full_model(cfg, quantized=True)
         g, u, idx = local_round(cfg, q_model, data.silo_train_tok, pad_id)
-        members = [data.silo_train[i] for i in idx]
+        members, nonmembers, _ = candidate_rows(data.silo_train, idx, data.silo_eval)
         del q_model
         # the server holds the full-precision base: it scores on that, with the received update
         set_adapter_state(fp_model, g)
-        mia["lpp_server_auc"] = update_auc(fp_model, tok, g, u, members, nonmembers, max_length=L)
-        out["_final_models"]["lpp"] = (add_states(g, u), members)
+        mia["lpp_server_auc"] = update_auc(fp_model, tok, g, u, members, nonmembers,
+                                           max_length=L, attack=attack)
+        out.setdefault("_final_models", {})["lpp"] = (add_states(g, u), members, nonmembers)
     out["_fp_model"] = fp_model
 
 
@@ -383,14 +429,13 @@ def final_model_attacks(cfg: RunConfig, data: AuditData, tok, out: dict) -> None
     res_loss, res_ref = {}, {}
     for mode, item in finals.items():
         if mode == "split":
-            model, members = item, split_members
+            model, (members, nonmembers) = item, split_members
         else:
-            state, members = item
+            state, members, nonmembers = item
             model = fp_model
             set_adapter_state(model, state)
-        res_loss[mode] = loss_threshold_auc(model, tok, members, data.silo_eval, max_length=L)
-        res_ref[mode] = reference_auc(model, reference, tok, members, data.silo_eval,
-                                      max_length=L)
+        res_loss[mode] = loss_threshold_auc(model, tok, members, nonmembers, max_length=L)
+        res_ref[mode] = reference_auc(model, reference, tok, members, nonmembers, max_length=L)
     mia = out.setdefault("mia", {})
     mia["final_model_auc"] = res_ref
     mia["final_model_loss_threshold_auc"] = res_loss
@@ -418,9 +463,10 @@ def run_audit(cfg: RunConfig, opts: AuditOptions = AuditOptions()) -> dict:
                  "eval_content_tokens": int(sum(int(m.sum()) for m in data.silo_eval_masks))}
     torch.manual_seed(cfg.train.seed)
     if "split" in opts.modes:
-        split_inversion(cfg, data, tok, opts, out)
+        if opts.split_grid:
+            split_inversion(cfg, data, tok, opts, out)
         split_training(cfg, data, tok, opts, out)
-        if opts.frontier:
+        if opts.frontier and opts.split_grid:
             split_frontier(cfg, data, tok, opts, out)
     update_attacks(cfg, data, tok, opts, out)
     final_model_attacks(cfg, data, tok, out)

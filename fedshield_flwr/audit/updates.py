@@ -1,10 +1,27 @@
 """fedavg, lpp and shield: membership inference by a curious server holding one silo's update.
 
-The server knows the global adapter ``g`` it sent and receives the silo's update ``u``. Its score
-for a candidate row is ``loss(g) - loss(g + u)``: rows the silo trained on got cheaper (the
+The server knows the global adapter ``g`` it sent and receives the silo's update ``u``. The plain
+score for a candidate row is ``loss(g) - loss(g + u)``: rows the silo trained on got cheaper (the
 reference-model attack of Carlini et al. 2022 with the global model as the reference; for
 federated updates see Nasr et al. 2019, "Comprehensive Privacy Analysis of Deep Learning",
-active/passive server). AUC over the silo's training rows of that round vs its held-out rows.
+active/passive server). AUC over the silo's training rows of that round vs rows it did not train
+on (:func:`candidate_rows`).
+
+Most of a one-round update is the task itself (the chat style every row of the domain shares), so
+the plain score mostly ranks rows by how typical they are. :class:`UpdateAttack` (the default
+everywhere) removes that part and amplifies the rest:
+
+- **shadow update**: the server runs the same local round (same config, from the same ``g``) on
+  public text of its own; ``u_shadow`` is the task direction without the silo's rows
+  (difficulty calibration with a shadow model, Shokri et al. 2017 "Membership Inference Attacks
+  Against Machine Learning Models", Watson et al. 2022 "On the Importance of Difficulty
+  Calibration in Membership Inference Attacks");
+- **extrapolation**: the target is ``g + alpha * (u - u_shadow)``, ``alpha > 1`` (the
+  member-specific part of the update, scaled up; cf. model extrapolation/"task arithmetic",
+  Ilharco et al. 2023, here used as an attack amplifier);
+- **log ratio**: the score is ``log loss(g) - log loss(target)``, the row's relative loss drop
+  (the perplexity-ratio calibration of Carlini et al. 2021, "Extracting Training Data from Large
+  Language Models", with ``g`` as the reference model).
 
 shield: the server holds only ciphertexts, block ids, weights and sizes
 (:class:`fedshield_flwr.shield.payload.Payload` after its own validation). The same attack
@@ -18,6 +35,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,25 +49,115 @@ def add_states(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
                         .astype(np.float32)) for k in a)
 
 
-def update_scores(model, tokenizer, global_state, update, rows, *, max_length: int):
-    """``loss(global) - loss(global + update)`` per row; leaves ``model`` at ``global``."""
+@dataclass(frozen=True)
+class UpdateAttack:
+    """How the server scores a candidate row against one update.
+
+    Parameters
+    ----------
+    alpha : float
+        Extrapolation: the target adapter is ``g + alpha * (u - shadow)``.
+    log_ratio : bool
+        Score ``log loss(g) - log loss(target)`` instead of ``loss(g) - loss(target)``.
+    shadow : mapping or None
+        The server's own update from the same round on public rows (``None``: not subtracted).
+
+    ``UpdateAttack(alpha=1, log_ratio=False)`` is the plain ``loss(g) - loss(g + u)`` attack.
+    """
+
+    alpha: float = 1.0
+    log_ratio: bool = False
+    shadow: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
+
+    def target(self, global_state, update) -> OrderedDict[str, np.ndarray]:
+        step = update if self.shadow is None else OrderedDict(
+            (k, np.asarray(update[k], np.float32) - np.asarray(self.shadow[k], np.float32))
+            for k in update)
+        return add_states(global_state, step, self.alpha)
+
+
+PLAIN = UpdateAttack()
+# chosen on a calibration half of the demo's candidate rows (docs/privacy.md)
+STRONG_ALPHA = 4.0
+
+
+def strong_attack(shadow: Mapping[str, np.ndarray] | None) -> UpdateAttack:
+    """The default attack: shadow-calibrated, extrapolated by 4, log-ratio score."""
+    return UpdateAttack(alpha=STRONG_ALPHA, log_ratio=True, shadow=shadow)
+
+
+def update_scores(model, tokenizer, global_state, update, rows, *, max_length: int,
+                  attack: UpdateAttack = PLAIN, before: np.ndarray | None = None) -> np.ndarray:
+    """The server's score per row (higher: more likely trained on); leaves ``model`` at ``g``.
+
+    ``before``: the rows' losses under ``global_state`` if already computed (they do not depend
+    on the update, so one pass serves every update attacked with the same rows).
+    """
     from fedshield_flwr.models.lora import set_adapter_state
 
     set_adapter_state(model, global_state)
-    before = row_losses(model, tokenizer, rows, max_length=max_length)
-    set_adapter_state(model, add_states(global_state, update))
+    if before is None:
+        before = row_losses(model, tokenizer, rows, max_length=max_length)
+    set_adapter_state(model, attack.target(global_state, update))
     after = row_losses(model, tokenizer, rows, max_length=max_length)
     set_adapter_state(model, global_state)
+    if attack.log_ratio:
+        tiny = 1e-12
+        return np.log(np.maximum(before, tiny)) - np.log(np.maximum(after, tiny))
     return before - after
 
 
 def update_auc(model, tokenizer, global_state, update, members, nonmembers, *,
-               max_length: int) -> float:
-    """AUC of the server's update attack on ``members`` (trained on) vs ``nonmembers``."""
+               max_length: int, attack: UpdateAttack = PLAIN, before=None) -> float:
+    """AUC of the server's update attack on ``members`` (trained on) vs ``nonmembers``.
+
+    ``before``: optional ``(member_losses, nonmember_losses)`` under ``global_state``.
+    """
+    bm, bn = before if before is not None else (None, None)
     return auc(update_scores(model, tokenizer, global_state, update, members,
-                             max_length=max_length),
+                             max_length=max_length, attack=attack, before=bm),
                update_scores(model, tokenizer, global_state, update, nonmembers,
-                             max_length=max_length))
+                             max_length=max_length, attack=attack, before=bn))
+
+
+def row_key(row: Mapping) -> tuple:
+    """A row's content (instruction, input, response): two rows with one key are one row."""
+    return (row.get("instruction", ""), row.get("input", "") or "", row.get("response", ""))
+
+
+def candidate_rows(silo_train: Sequence[Mapping], member_idx: Sequence[int],
+                   held_out: Sequence[Mapping], *, limit: int | None = None
+                   ) -> tuple[list, list, int]:
+    """Distinct members and non-members of one round: ``(members, nonmembers, n_held_out)``.
+
+    Members: the rows at ``member_idx``, one per distinct content. Non-members: the held-out rows,
+    then the silo's rows the round did not draw, each only if its content is not a member's (a
+    corpus that repeats rows, as chatterbot does, would otherwise score a member's twin as a
+    non-member) and once; up to ``limit`` (default: as many as members). ``n_held_out`` of them
+    are held-out rows.
+    """
+    seen: set = set()
+    members = []
+    for i in sorted(member_idx):
+        k = row_key(silo_train[i])
+        if k not in seen:
+            seen.add(k)
+            members.append(silo_train[i])
+    limit = len(members) if limit is None else limit
+    drawn = set(member_idx)
+    nonmembers, n_held = [], 0
+    pool = [(True, r) for r in held_out]
+    pool += [(False, silo_train[i]) for i in range(len(silo_train)) if i not in drawn]
+    for is_held, r in pool:
+        if len(nonmembers) >= limit:
+            break
+        k = row_key(r)
+        if k in seen:
+            continue
+        seen.add(k)
+        nonmembers.append(r)
+        n_held += is_held
+    return members, nonmembers, n_held
 
 
 def shield_upload(update: Mapping[str, np.ndarray], *, weight: float = 1.0, server_round: int = 1,

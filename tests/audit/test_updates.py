@@ -61,3 +61,57 @@ def test_update_attack_wins_shield_server_guesses_and_colluding_silo_wins(tiny_t
     colluding = update_auc(model, tiny_tokenizer, g, decrypted, members, nonmembers,
                            max_length=MAX_LEN)
     assert abs(colluding - fed) < 0.05
+
+
+def test_candidate_rows_drop_a_members_twin_and_count_held_out_rows():
+    from fedshield_flwr.audit.updates import candidate_rows
+
+    row = lambda i: {"instruction": f"q{i}", "input": "", "response": f"a{i}"}  # noqa: E731
+    train = [row(0), row(1), row(0), row(2), row(3), row(4)]
+    held = [row(1), row(5), row(5)]
+    members, nonmembers, n_held = candidate_rows(train, [0, 1, 2], held, limit=10)
+    assert members == [row(0), row(1)]  # train[2] is train[0] again
+    assert nonmembers == [row(5), row(2), row(3), row(4)]  # row 1 is a member, row 5 once
+    assert n_held == 1
+    assert len(candidate_rows(train, [0, 1, 2], held)[1]) == 2  # default: as many as members
+
+
+def test_strong_update_attack_wins_on_a_real_local_round_and_is_at_chance_on_random_inputs():
+    """tiny:llama, 4 real train_lora steps: the shadow-calibrated extrapolated attack wins where
+    the plain loss difference is weak; a random split of non-members and a random update of the
+    same norm are at chance."""
+    from fedshield_flwr.audit.artifacts import build_data, full_model, local_round
+    from fedshield_flwr.audit.membership import auc
+    from fedshield_flwr.audit.run import run_config, shadow_update
+    from fedshield_flwr.audit.updates import (
+        PLAIN,
+        candidate_rows,
+        strong_attack,
+        update_scores,
+    )
+    from fedshield_flwr.models.load import load_tokenizer
+
+    cfg = run_config(["model.name='tiny:llama'", "data.max-length=64", "train.max-steps=4"])
+    tok = load_tokenizer(cfg.model.name)
+    data = build_data(cfg, tok, public_rows=40, eval_rows=8)
+    pad = tok.pad_token_id
+    model = full_model(cfg)
+    g, u, idx = local_round(cfg, model, data.silo_train_tok, pad)
+    set_adapter_state(model, g)
+    members, nonmembers, _ = candidate_rows(data.silo_train, idx, data.silo_eval, limit=48)
+    attack = strong_attack(shadow_update(cfg, data, pad))
+
+    def scores(update, rows, a=attack):
+        return update_scores(model, tok, g, update, rows, max_length=MAX_LEN, attack=a)
+
+    strong = auc(scores(u, members), scores(u, nonmembers))
+    plain = auc(scores(u, members, PLAIN), scores(u, nonmembers, PLAIN))
+    assert strong >= 0.7
+    assert strong > plain
+    rnd = scores(u, nonmembers)
+    assert abs(auc(rnd[::2], rnd[1::2]) - 0.5) < 0.2
+    gen = np.random.default_rng(0)
+    noise = {k: gen.standard_normal(v.shape).astype(np.float32) for k, v in u.items()}
+    scale = state_norm(u) / state_norm(noise)
+    noise = {k: v * scale for k, v in noise.items()}
+    assert abs(auc(scores(noise, members), scores(noise, nonmembers[:len(members)])) - 0.5) < 0.2
