@@ -67,12 +67,14 @@ PARTICIPANTS = {4: 4, 16: 16, 64: 64, 256: 128}  # virtual silos -> silos per tr
 RELAY_COUNTS = (1, 4, 16)
 
 
-def _split_bench():
-    """benchmarks/split.py's relay process, model and batches (one definition of each)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import split as split_bench
+def _sibling(name: str):
+    """Another script of benchmarks/ as a module (split.py's relay process, model and batches;
+    shield.py's SmolLM2 adapter shapes): one definition of each."""
+    import importlib
 
-    return split_bench
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    return importlib.import_module(name)
 
 
 def relay_silo(args, idx: int, port: int, token: str, batches: list, barrier, out_q) -> None:
@@ -82,7 +84,7 @@ def relay_silo(args, idx: int, port: int, token: str, batches: list, barrier, ou
     from fedshield_flwr.split.relay import RelayClient
     from fedshield_flwr.split.silo_model import SiloTrainer, SplitSilo
 
-    sb = _split_bench()
+    sb = _sibling("split")
     torch.set_num_threads(1)
     # every silo shares the relay's 2 cores here; on a deployment each has its own machine. At
     # nice 10 the silos leave the relay the CPU it needs, so 16 silo processes measure the
@@ -107,7 +109,7 @@ def measure_relay(counts: tuple[int, ...], total_steps: int) -> dict:
     """Relay throughput and RSS with ``counts`` concurrent silo processes (phases ABBA)."""
     import multiprocessing as mp
 
-    sb = _split_bench()
+    sb = _sibling("split")
     args = argparse.Namespace(model="bench:llama-mid", head_layers=1, tail_layers=1, lr=5e-4,
                               window_ms=200.0, seed=0, batch_size=8, max_length=128)
     args.path = sb.model_path(args.model)
@@ -219,17 +221,16 @@ def shield_fold(silos: int, rank: int = 8, distinct: int = 4) -> dict:
     from fedshield_flwr.shield import RoundAccumulator, generate_keyset
     from fedshield_flwr.shield.params import params_for_silos
     from fedshield_flwr.shield.rounds import encrypt_update
+    from strategies.base import peak_rss_mb
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import shield as shield_bench
-
+    shield_bench = _sibling("shield")
     shapes = shield_bench.smollm2_lora_shapes(rank)
     n_params = sum(a * b for a, b in shapes.values())
     params = params_for_silos(silos)
     silo_keys, server_keys = generate_keyset(params)
     updates = shield_bench.make_updates(shapes, distinct, seed=silos)
     acc = RoundAccumulator(server_keys, 1)
-    rss0, cpu, size = peak_rss(), [], 0
+    rss0, cpu, size = peak_rss_mb(), [], 0
     for i in range(silos):
         payload, _ = encrypt_update(silo_keys, updates[i % distinct], server_round=1,
                                     silo=str(i), weight=0.1 + 0.01 * i)
@@ -249,18 +250,12 @@ def shield_fold(silos: int, rank: int = 8, distinct: int = 4) -> dict:
            "server_seconds_per_silo_per_1M_params": med / (n_params / 1e6),
            "server_seconds_per_silo_16_first": float(np.median(cpu[:16])),
            "server_seconds_per_silo_16_last": float(np.median(cpu[-16:])),
-           "finalize_seconds": fin, "peak_rss_growth_mb": peak_rss() - rss0}
+           "finalize_seconds": fin, "peak_rss_growth_mb": peak_rss_mb() - rss0}
     print(f"  shield fold, {silos} silos x {n_params:,}-parameter adapter: "
           f"{med * 1e3:.1f} ms/silo = {out['server_seconds_per_silo_per_1M_params']:.4f} s per "
           f"silo per 1M parameters (first 16 {out['server_seconds_per_silo_16_first'] * 1e3:.1f}"
           f" ms, last 16 {out['server_seconds_per_silo_16_last'] * 1e3:.1f} ms)", flush=True)
     return out
-
-
-def peak_rss() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def shield_precision(silo_counts: list[int]) -> dict:
