@@ -45,6 +45,7 @@ from fedshield_flwr.shield.protocol import (
     GLOBAL_ROUND,
     MAX_SILOS,
     PRUNE_RATIO,
+    downlink_record,
     payload_bytes,
     server_message,
 )
@@ -139,9 +140,18 @@ class ShieldStrategy(RoundLoop, FedAvg):
         num = int(len(list(grid.get_node_ids())) * fraction)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num, min_nodes))
         config[ROUND] = server_round
-        return [server_message(node, self.log.downlink(self.known_round.get(node, 0))
-                               if self.log is not None else [], config, message_type)
-                for node in node_ids]
+        # One downlink record per distinct starting round, shared by the messages of every silo
+        # that holds it: Flower hashes a record once (its object id is cached) and pushes a
+        # shared object once, so the server's cost per silo does not grow with the aggregate.
+        records: dict[int, ArrayRecord] = {}
+        msgs = []
+        for node in node_ids:
+            since = self.known_round.get(node, 0)
+            if since not in records:
+                records[since] = downlink_record(
+                    self.log.downlink(since) if self.log is not None else [])
+            msgs.append(server_message(node, records[since], config, message_type))
+        return msgs
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

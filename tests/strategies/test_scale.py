@@ -252,6 +252,36 @@ def test_shield_round_of_64_silos_with_10_percent_dropping_is_the_fedavg_of_resp
     assert np.max(np.abs(agg.values - exact)) < 1e-6  # CKKS noise only, no dropped silo in it
 
 
+def test_shield_downlink_is_built_once_per_starting_round_and_shared_by_its_silos():
+    """Messages to silos that lack the same aggregates share one downlink record (Flower
+    hashes and pushes a shared object once): the server's cost per silo does not grow with the
+    size of the aggregate; a silo that is up to date gets an empty downlink."""
+    from fedshield_flwr.shield import RoundAccumulator
+    from fedshield_flwr.shield.protocol import read_downlink
+
+    silo_keys, server_keys = generate_keyset()
+    update = OrderedDict([("l.q.lora_A.weight", np.full((2, 512), 1e-2, np.float32))])
+    acc = RoundAccumulator(server_keys, 1)
+    for n in (1, 2):
+        acc.add(encrypt_update(silo_keys, update, server_round=1, silo=str(n), weight=0.5)[0],
+                silo=str(n))
+    strat = ShieldStrategy(lambda: server_keys, PruneSchedule(), num_rounds=2,
+                           fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=8,
+                           min_available_nodes=8)
+    strat.aggregate_log().append(acc.finalize())
+    nodes = list(range(1, 9))
+    strat.known_round.update({7: 1, 8: 1})  # up to date: they applied round 1
+    msgs = list(strat.configure_train(2, ArrayRecord(), ConfigRecord(),
+                                      DropoutGrid(nodes, None, ())))
+    by_node = {m.metadata.dst_node_id: m for m in msgs}
+    assert sorted(by_node) == nodes
+    behind = [by_node[n].content["downlink"] for n in range(1, 7)]
+    assert all(r is behind[0] for r in behind)  # one object for the six silos behind
+    assert [bytes(a) for a in read_downlink(by_node[1])] == strat.log.downlink(0)
+    assert read_downlink(by_node[7]) == [] and read_downlink(by_node[8]) == []
+    assert by_node[7].content["downlink"] is by_node[8].content["downlink"]
+
+
 def test_keyset_is_sized_from_the_federation_and_refused_past_1024():
     assert params_for_silos(4) == ShieldParams()  # small federations keep the default (64)
     assert params_for_silos(65).max_silos == 128
