@@ -19,7 +19,11 @@ from fedshield_flwr.models.lora import apply_lora, get_adapter_state, set_adapte
 from fedshield_flwr.train import collate
 
 MAX_LEN = 64
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every linear layer, the head included: the random tiny base's head (std 0.02, frozen) caps
+# its logits near +-1.3, so an adapter on the blocks alone cannot memorize its rows (training
+# loss stays near ln 512) and a membership attack would have nothing to find.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+              "lm_head")
 
 
 def _flat(state):
@@ -30,7 +34,8 @@ def test_update_attack_wins_shield_server_guesses_and_colluding_silo_wins(tiny_t
                                                                           qa_rows):
     from fedshield_flwr.models.tiny import build_tiny_model
 
-    model = apply_lora(build_tiny_model("llama"), LoraSettings(r=32, alpha=64, dropout=0.0, target_modules=ALL_LINEAR), seed=0)
+    model = apply_lora(build_tiny_model("llama"), LoraSettings(
+        r=32, alpha=64, dropout=0.0, target_modules=ALL_LINEAR), seed=0)
     g = copy.deepcopy(get_adapter_state(model))
     members, nonmembers = qa_rows[:24], qa_rows[24:48]
     toks = tokenized_rows(members, tiny_tokenizer, max_length=MAX_LEN)
