@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-rows", type=int, default=24)
     p.add_argument("--split-steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shield-views", type=int, default=16,
+                   help="shield uploads the shield server attacks (its AUC is their mean)")
     p.add_argument("--quick", action="store_true", help="tiny:llama, small grid (a smoke run)")
     p.add_argument("--only", choices=["mia"], default=None,
                    help="mia: only the membership attacks, merged into the existing --out JSON")
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         head_layers=tuple(int(x) for x in args.head_layers.split(",")),
         dp_multipliers=tuple(float(x) for x in args.dp_multipliers.split(",")),
         public_rows=args.public_rows, eval_rows=args.eval_rows, split_steps=args.split_steps,
-        split_grid=args.only != "mia",
+        split_grid=args.only != "mia", shield_views=args.shield_views,
         **({"modes": tuple(args.only_modes.split(","))} if args.only == "mia" else {}),
     )
     t0 = time.time()

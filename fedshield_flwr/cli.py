@@ -205,6 +205,8 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-rows", type=int, default=24, help="held-out silo rows attacked")
     p.add_argument("--split-steps", type=int, default=8, help="split training steps")
     p.add_argument("--no-frontier", action="store_true", help="skip the loss-cost frontier")
+    p.add_argument("--shield-views", type=int, default=16,
+                   help="shield uploads the shield server attacks (its AUC is their mean)")
     p.add_argument("--out", default="results/audit", help="directory for audit.json, audit.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -224,7 +226,7 @@ def audit(args: argparse.Namespace) -> int:
             dp_multipliers=tuple(float(x) for x in args.dp_multipliers.split(",") if x.strip()),
             public_rows=args.public_rows, eval_rows=args.eval_rows,
             split_steps=args.split_steps, frontier=not args.no_frontier,
-            progress=not args.quiet)
+            shield_views=args.shield_views, progress=not args.quiet)
         res = run_audit(run_config(args.run_config), opts)
     except (AuditError, ConfigError, ValueError) as exc:
         print(f"fedshield audit: {exc}", file=sys.stderr)

@@ -14,6 +14,7 @@ so a candidate is scored exactly as the silo trained on it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,6 +89,18 @@ def row_losses(model, tokenizer, rows: Sequence[dict[str, Any]], *, max_length: 
     finally:
         model.train(was_training)
     return out
+
+
+def chance_band(n_members: int, n_nonmembers: int, z: float = 1.96) -> float:
+    """Half-width of the interval that holds a chance attack's AUC (95% for ``z`` = 1.96).
+
+    Under the null (scores independent of membership) the Mann-Whitney AUC has mean 0.5 and
+    variance ``(m + n + 1) / (12 m n)``: with 45 rows a side an attack at chance lands anywhere in
+    0.5 +- 0.12, so one AUC on that many rows cannot tell 0.55 from chance.
+    """
+    if n_members < 1 or n_nonmembers < 1:
+        raise ValueError("chance_band: needs at least one member and one non-member")
+    return float(z * math.sqrt((n_members + n_nonmembers + 1) / (12.0 * n_members * n_nonmembers)))
 
 
 def auc(member_scores, nonmember_scores) -> float:

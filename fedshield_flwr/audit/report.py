@@ -54,7 +54,15 @@ def table(res: dict) -> str:
         for k in ("fedavg_server_auc", "lpp_server_auc", "shield_server_auc",
                   "shield_colluding_silo_auc"):
             if k in mia:
-                lines.append(f"  {k:28s} {mia[k]:.3f}")
+                extra = ""
+                if k == "shield_server_auc" and mia.get("shield_server_auc_views"):
+                    sem = mia.get("shield_server_auc_sem")
+                    extra = (f"  (mean of {len(mia['shield_server_auc_views'])} uploads"
+                             + (f", +-{sem:.3f} s.e.)" if sem is not None else ")"))
+                lines.append(f"  {k:28s} {mia[k]:.3f}{extra}")
+        if "chance_band_95" in mia:
+            lines.append(f"  (one AUC on {mia.get('members')} + {mia.get('nonmembers')} rows: "
+                         f"chance is 0.5 +- {mia['chance_band_95']:.3f} at 95%)")
         for k in ("final_model_auc", "final_model_loss_threshold_auc"):
             for mode, v in mia.get(k, {}).items():
                 lines.append(f"  {k} [{mode}] {v:.3f}")

@@ -62,6 +62,10 @@ class AuditOptions:
         Candidates of the white-box nearest-neighbour attack (0: the whole vocabulary).
     frontier : bool
         Also train split at each ``dp_multipliers`` point for its held-out loss.
+    shield_views : int
+        Independent shield uploads of the silo's update (fresh CKKS randomness each, as the
+        server receives one per round) attacked by the shield server; it reports their mean AUC
+        (one AUC on the demo's ~45 rows a side is only good to +-0.12).
     split_grid : bool
         Run split's inversion grid (and the frontier); ``False``: only split's training round
         (gradients, trained head, the released model's membership inference).
@@ -78,6 +82,7 @@ class AuditOptions:
     nn_vocab: int = 0
     frontier: bool = True
     split_grid: bool = True
+    shield_views: int = 16
     progress: bool = True
 
 
@@ -329,7 +334,7 @@ def update_attacks(cfg: RunConfig, data: AuditData, tok, opts: AuditOptions, out
     server's shadow update from its own local round on the public rows, extrapolated, log
     ratio); the plain ``loss(g) - loss(g + u)`` attack is reported beside it (``mia["plain"]``).
     """
-    from fedshield_flwr.audit.membership import row_losses
+    from fedshield_flwr.audit.membership import chance_band, row_losses
     from fedshield_flwr.audit.updates import (
         PLAIN,
         add_states,
@@ -369,7 +374,8 @@ def update_attacks(cfg: RunConfig, data: AuditData, tok, opts: AuditOptions, out
         g, u, idx = local_round(cfg, fp_model, data.silo_train_tok, pad_id)
         members, nonmembers, n_held = candidate_rows(data.silo_train, idx, data.silo_eval)
         mia.update(members=len(members), nonmembers=len(nonmembers),
-                   nonmembers_held_out=n_held, rows_drawn=len(idx))
+                   nonmembers_held_out=n_held, rows_drawn=len(idx),
+                   chance_band_95=chance_band(len(members), len(nonmembers)))
         out["eval_loss_fedavg"] = evaluate(fp_model, data.silo_eval_tok, 16, pad_id).loss
         set_adapter_state(fp_model, g)
         b = before(members, nonmembers)
@@ -388,15 +394,26 @@ def update_attacks(cfg: RunConfig, data: AuditData, tok, opts: AuditOptions, out
             order = np.random.default_rng(cfg.train.seed).permutation(len(nonmembers))
             rnd = update_scores(fp_model, tok, g, u, nonmembers, max_length=L, attack=attack,
                                 before=b[1])[order]
-            sanity["fedavg_update_mia_random_split"] = {"auc": auc(rnd[:half], rnd[half:])}
+            sanity["fedavg_update_mia_random_split"] = {
+                "auc": auc(rnd[:half], rnd[half:]),
+                "chance_band_95": chance_band(half, len(nonmembers) - half)}
         out.setdefault("_final_models", {})["fedavg"] = (add_states(g, u), members, nonmembers)
         if "shield" in modes:
             sh = ShieldSettings.from_flat(cfg.extra)
             weight = len(idx) * sh.weight_scale
             silo_ks, server_ks, _, payload, aggregate = shield_upload(u, weight=weight)
-            view = server_view_update(payload, u, server_ks.modulus, state_norm(u))
-            mia["shield_server_auc"] = update_auc(fp_model, tok, g, view, members, nonmembers,
-                                                  max_length=L, attack=attack, before=b)
+            views = []
+            for i in tqdm(range(max(1, opts.shield_views)), desc="shield server views",
+                          disable=not opts.progress, leave=False):
+                if i:  # the same update uploaded again: fresh encryption randomness
+                    payload = shield_upload(u, weight=weight, keyset=(silo_ks, server_ks))[3]
+                view = server_view_update(payload, u, server_ks.modulus, state_norm(u))
+                views.append(update_auc(fp_model, tok, g, view, members, nonmembers,
+                                        max_length=L, attack=attack, before=b))
+            mia["shield_server_auc"] = float(np.mean(views))
+            mia["shield_server_auc_views"] = views
+            mia["shield_server_auc_sem"] = (float(np.std(views, ddof=1) / math.sqrt(len(views)))
+                                            if len(views) > 1 else None)
             decrypted = colluding_silo_update(silo_ks, aggregate, u)
             mia["shield_colluding_silo_auc"] = update_auc(fp_model, tok, g, decrypted, members,
                                                           nonmembers, max_length=L,

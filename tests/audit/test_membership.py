@@ -94,3 +94,16 @@ def test_attacks_win_on_an_overfit_model_and_are_at_chance_on_an_untrained_one(
                               max_length=MAX_LEN) >= 0.8
     assert reference_auc(tuned, base, tiny_tokenizer, members, nonmembers,
                          max_length=MAX_LEN) >= 0.8
+
+
+def test_chance_band_holds_95_percent_of_chance_aucs():
+    from fedshield_flwr.audit.membership import auc, chance_band
+
+    rng = np.random.default_rng(0)
+    m, n = 45, 45
+    aucs = np.array([auc(rng.standard_normal(m), rng.standard_normal(n)) for _ in range(2000)])
+    band = chance_band(m, n)
+    assert abs(band - 0.119) < 0.002  # 1.96 * sqrt(91 / (12 * 45 * 45))
+    inside = np.mean(np.abs(aucs - 0.5) <= band)
+    assert 0.93 < inside < 0.97
+    assert abs(aucs.std() - band / 1.96) < 0.005
