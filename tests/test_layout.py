@@ -54,8 +54,17 @@ def test_every_module_imports_on_its_own_in_a_fresh_process():
         import importlib, os, sys, traceback
         sys.path.insert(0, {str(ROOT)!r})
         import numpy, torch, flwr, transformers  # third-party, shared to keep this fast
-        failed = []
+        failed, running = [], {{}}
+
+        def reap():
+            pid, status = os.wait()
+            name = running.pop(pid)
+            if status != 0:
+                failed.append(name)
+
         for name in {_modules()!r}:
+            if len(running) >= max(2, os.cpu_count() or 1):
+                reap()
             pid = os.fork()
             if pid == 0:
                 try:
@@ -64,9 +73,9 @@ def test_every_module_imports_on_its_own_in_a_fresh_process():
                     traceback.print_exc()
                     os._exit(1)
                 os._exit(0)
-            _, status = os.waitpid(pid, 0)
-            if status != 0:
-                failed.append(name)
+            running[pid] = name
+        while running:
+            reap()
         print("FAILED", failed)
         sys.exit(1 if failed else 0)
     """)

@@ -190,16 +190,16 @@ def test_a_failed_run_exits_non_zero_with_the_error_last_and_says_failed_in_metr
     assert doc["error"] in last[-1]
 
 
-# Every mode on a non-Llama family, one round each: together four families beyond Llama (the
-# per-family unit tests are tests/split/test_architectures.py and tests/lpp/test_architectures.py).
-# These are the failures a new user met: lpp on Gemma (a 0-dim buffer), split on Gemma (refused).
+# A mode on a non-Llama family end to end: split on Gemma (scaled embeddings, tied head), the
+# refusal a new user met. The per-family unit tests (tests/split/test_architectures.py,
+# tests/lpp/test_architectures.py: lpp's package through Flower for every family, including the
+# Gemma 0-dim buffer a new user met) cover the rest in-process; the whole mode x family matrix of
+# real `flwr run` rounds is benchmarks/architectures.py (one ~45 s run per cell is too slow here).
 ARCH_TINY = ("train.max-steps=2 train.batch-size=4 train.progress=false "
              "data.max-eval-examples=8 data.max-length=64 num-server-rounds=1")
 
 
-@pytest.mark.parametrize("mode,family", [
-    ("split", "gemma"), ("lpp", "gemma2"), ("shield", "gpt_neox"), ("fedavg", "phi3"),
-])
+@pytest.mark.parametrize("mode,family", [("split", "gemma")])
 def test_a_mode_completes_a_round_on_a_non_llama_family(superlink, tmp_path, mode, family):
     out = superlink.flwr_run(f"{ARCH_TINY} model.name='tiny:{family}' strategy.name='{mode}' "
                              f"results.dir='{tmp_path}'", num_supernodes=2, checked=True)
