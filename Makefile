@@ -61,7 +61,7 @@ compose-tool:
 	  && (apt-get update -qq && apt-get install -y -qq docker-compose) >/dev/null 2>&1; } || true
 
 test: $(STAMP) compose-tool
-	$(BIN)/python -m pytest -q --timeout=900 --durations=15
+	$(BIN)/python -m pytest -q --timeout=900 --durations=15 -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
