@@ -20,6 +20,11 @@ Per mode and participant count (last training round):
 * ``bytes_up`` / ``bytes_down``: payload bytes of the training round, all silos;
 * ``round_seconds``: wall time of the round (silos run two at a time: grows with silos).
 
+Every process of the simulations runs torch on ``--threads`` threads (``OMP_NUM_THREADS``,
+default 1): with more, part of split's middle runs on torch's own worker threads, which the
+server clock does not see (nor can it tell them from the engine's native threads), and the share
+it misses changes with the load on the cores.
+
 ``shield_precision``: the largest |error| of the decrypted shield aggregate against the exact
 float64 FedAvg, with the real TenSEAL keyset that :func:`params_for_silos` selects, at 64 and
 1024 silos (one ciphertext block per silo).
@@ -339,6 +344,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shield-fold-silos", type=int, default=128)
     p.add_argument("--relay-steps", type=int, default=24,
                    help="timed split steps per relay phase, shared by its silos")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of every process of the simulations (OMP_NUM_THREADS); "
+                        "1 keeps split's middle on the relay thread the server clock counts")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     args = p.parse_args(argv)
     modes = "" if args.relay_only or args.shield_fold_only else (
@@ -363,6 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
     doc["shield_max_silos"] = MAX_SILOS_LIMIT
     if modes:
         doc["shield_precision"] = shield_precision([64, 1024])
+        # The SuperLink's simulation process (ServerApp, relay) and the ClientApps inherit it.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
         with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
             link = LocalSimulationSuperLink(Path(tmp) / "flwr-home").start()
             try:
