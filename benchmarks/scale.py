@@ -15,7 +15,10 @@ Per mode and participant count (last training round):
   engine, which shares the process and polls every virtual node ten times a second:
   ``server_process_cpu_seconds`` is the whole process, kept for comparison) per participating
   silo, less ``server_fixed_seconds``, the per-round server evaluation that does not depend on
-  the number of silos (lpp's IP margin on the owner's rows);
+  the number of silos (lpp's IP margin on the owner's rows), and less ``server_idle_poll_seconds``,
+  the polls that found no reply (the server waiting: one poll per 0.5 s of round, and here the
+  round grows with the silos because two train at a time; on a deployment it does not);
+  ``server_seconds_per_silo_with_idle_polls`` keeps them in;
 * ``server_peak_rss_mb``: the ServerApp process's peak RSS (``ru_maxrss``);
 * ``bytes_up`` / ``bytes_down``: payload bytes of the training round, all silos;
 * ``round_seconds``: wall time of the round (silos run two at a time: grows with silos).
@@ -191,6 +194,7 @@ def run_one(link: LocalSimulationSuperLink, mode: str, silos: int, args, out: Pa
     rounds = [r for r in json.loads(metrics.read_text())["rounds"] if r["round"] >= 1]
     last = rounds[-1]
     fixed = last.get("server_evaluate_cpu_seconds", 0.0)
+    idle = last.get("server_idle_poll_cpu_seconds", 0.0)
     if last["replies"] != part:  # a point where silos failed measures nothing about scale
         raise SystemExit(f"{mode} with {silos} silos: {last['replies']} of {part} silos' train "
                          f"replies were accepted ({last.get('failures', 0)} failed); see "
@@ -200,14 +204,18 @@ def run_one(link: LocalSimulationSuperLink, mode: str, silos: int, args, out: Pa
         "server_seconds": last["server_cpu_seconds"],
         # per silo: without the fixed per-round server evaluation (lpp's IP margin), reported apart
         "server_fixed_seconds": fixed,
-        "server_seconds_per_silo": (last["server_cpu_seconds"] - fixed) / part,
+        "server_seconds_per_silo": (last["server_cpu_seconds"] - fixed - idle) / part,
+        # polls that found no reply: waiting, per second of round (which grows with silos here)
+        "server_idle_poll_seconds": idle,
+        "server_seconds_per_silo_with_idle_polls": (last["server_cpu_seconds"] - fixed) / part,
         "server_process_cpu_seconds": last.get("server_process_cpu_seconds"),
         "server_peak_rss_mb": max(r["server_peak_rss_mb"] for r in rounds),
         "bytes_up": last["bytes_up"], "bytes_down": last["bytes_down"],
         "round_seconds": last["seconds"], "flwr_run_wall_seconds": wall,
     }
     print(f"  {mode:<7} {silos:>4} silos ({part:>3} train): server {row['server_seconds']:.2f} s "
-          f"cpu ({row['server_seconds_per_silo'] * 1e3:.1f} ms/silo), peak RSS "
+          f"cpu ({row['server_seconds_per_silo'] * 1e3:.1f} ms/silo, idle polls "
+          f"{idle:.2f} s), peak RSS "
           f"{row['server_peak_rss_mb']:.0f} MB, up {row['bytes_up']:,} B, round "
           f"{row['round_seconds']:.0f} s, wall {wall:.0f} s", flush=True)
     return row

@@ -237,8 +237,11 @@ class ReplyStream:
             # one pull per poll whatever the number of silos (a pull per chunk of ids made the
             # server's polling cost grow with silos x round time); the batch holds only what
             # arrived since the previous poll, and each reply is dropped once folded
+            cpu = time.thread_time()
             batch = list(self.grid.pull_messages(sorted(waiting)))
             if not batch:
+                # a poll that found nothing: waiting for silos, a cost per second of round
+                self.loop.idle_poll_cpu += time.thread_time() - cpu
                 time.sleep(interval)
                 continue
             batch.reverse()
@@ -318,6 +321,7 @@ class RoundLoop:
     last_train_replies: int = 0  # replies received in the last training round (not kept)
     last_evaluate_replies: list[Message]
     destinations: dict[str, int] = {}  # message id -> silo node id of the last send
+    idle_poll_cpu: float = 0.0  # this round's CPU seconds in polls that found no reply
     accepted_replies: int = 0
     dp_budget: float | None = None  # dp.stop-at-budget: the dp.epsilon not to pass
     rejected_replies: int = 0
@@ -415,6 +419,7 @@ class RoundLoop:
                          server_round - 1)
                 break
             t0, cpu0, clock = time.time(), time.process_time(), ServerCpuClock()
+            self.idle_poll_cpu = 0.0
             rec = RoundRecord(round=server_round)
             stream = ReplyStream(
                 self, grid,
@@ -451,6 +456,9 @@ class RoundLoop:
             eps = rec.extra.get("dp_epsilon")
             # the server's own cost (waiting for silos excluded): CPU seconds and peak memory
             rec.extra["server_cpu_seconds"] = clock.elapsed()
+            # of which polls that found no reply: the server waiting, per second of round and
+            # not per silo (in a 2-core simulation the round, and so this, grows with silos)
+            rec.extra["server_idle_poll_cpu_seconds"] = self.idle_poll_cpu
             # the whole process: in a simulation it includes Flower's engine polling every node
             rec.extra["server_process_cpu_seconds"] = time.process_time() - cpu0
             rec.extra["server_peak_rss_mb"] = peak_rss_mb()

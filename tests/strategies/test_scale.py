@@ -380,3 +380,28 @@ def test_server_cpu_counts_the_server_and_relay_threads_not_the_simulation_engin
     relay.join()
     # 0.2 s in this thread + 0.3 s in the relay's; the engine's 0.6 s is not the server's
     assert 0.45 <= spent <= 0.7, spent
+
+
+def test_polls_that_find_no_reply_are_counted_apart_as_waiting(flower_identity):
+    """server_idle_poll_cpu_seconds: the CPU of polls that returned nothing (the server waiting
+    for silos, per second of round), not of the polls that brought replies."""
+    from strategies.base import ReplyStream, RoundLoop
+
+    class SlowGrid(DropoutGrid):
+        pull_interval = 0.0
+
+        def pull_messages(self, message_ids):
+            self.pulls += 1
+            if self.pulls <= 3:  # three empty polls, 0.1 s of CPU each
+                _spin(0.1)
+                return []
+            _spin(0.2)  # then one that brings every reply
+            return PushPull.pull_messages(self, message_ids)
+
+    nodes = [1, 2, 3]
+    grid = SlowGrid(nodes, lambda m: _train_reply(m.metadata.dst_node_id, _state(0), 4, to=m), ())
+    loop = RoundLoop()
+    msgs = [server_message(RecordDict({}), n) for n in nodes]
+    got = list(ReplyStream(loop, grid, msgs, timeout=30.0))
+    assert len(got) == 3 and grid.pulls == 4
+    assert 0.25 <= loop.idle_poll_cpu <= 0.4, loop.idle_poll_cpu
