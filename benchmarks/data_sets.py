@@ -18,6 +18,10 @@ rows are written as JSONL with ``instruction`` / ``input`` / ``response`` column
     .venv/bin/python benchmarks/data_sets.py                 # both, into benchmarks/data/
     .venv/bin/python benchmarks/data_sets.py alice --out /tmp/d
 
+Every set is written twice, disjoint: ``<name>.jsonl``, the rows the simulated silos partition
+(``data.name``), and ``<name>-owner.jsonl``, a seeded 10% the model owner holds and the silos
+never see (``lpp.correction-data``: the server's correction step trains on it).
+
 The files are not committed (``benchmarks/data/`` is ignored); this script rebuilds them
 byte for byte from the pinned releases.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import subprocess
 import sys
@@ -89,18 +94,36 @@ SETS: dict[str, tuple[str, Callable[[Path], Iterator[dict[str, str]]]]] = {
 }
 
 
-def build(name: str, out_dir: Path = DATA_DIR) -> Path:
-    """Download the pinned release of set ``name`` and write ``out_dir/<name>.jsonl``."""
+OWNER_FRACTION = 0.1
+
+
+def owner_split(rows: list[dict], fraction: float = OWNER_FRACTION, seed: int = 0
+                ) -> tuple[list[dict], list[dict]]:
+    """(silo rows, owner rows): a seeded ``fraction`` for the owner, order kept, disjoint."""
+    owner = set(random.Random(seed).sample(range(len(rows)), max(1, round(len(rows) * fraction))))
+    return ([r for i, r in enumerate(rows) if i not in owner],
+            [r for i, r in enumerate(rows) if i in owner])
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def build(name: str, out_dir: Path = DATA_DIR) -> tuple[Path, Path]:
+    """Download set ``name``'s pinned release; write ``<name>.jsonl`` and ``<name>-owner.jsonl``."""
     requirement, rows = SETS[name]
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{name}.jsonl"
     with tempfile.TemporaryDirectory(prefix=f"data-{name}-") as tmp:
         data = list(rows(download_wheel(requirement, Path(tmp))))
     if not data:
         raise SystemExit(f"{name}: {requirement} gave no rows")
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data))
-    print(f"{name}: {len(data)} rows from {requirement} -> {out}")
-    return out
+    silos, owner = owner_split(data)
+    paths = out_dir / f"{name}.jsonl", out_dir / f"{name}-owner.jsonl"
+    write_jsonl(paths[0], silos)
+    write_jsonl(paths[1], owner)
+    print(f"{name}: {len(data)} rows from {requirement} -> {len(silos)} in {paths[0]}, "
+          f"{len(owner)} in {paths[1]}")
+    return paths
 
 
 def main() -> None:
