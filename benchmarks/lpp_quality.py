@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -113,6 +114,9 @@ def main() -> None:
                    help="skip the one-round second lpp run (it only measures the downlink)")
     p.add_argument("--fedavg-from", default="",
                    help="take fedavg from this shield_quality.json instead of running it")
+    p.add_argument("--keep-adapter", default="",
+                   help="copy the lpp run's final fp32 global adapter (safetensors) here "
+                        "(for benchmarks/lpp_margin.py)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lpp_quality.json"))
     p.add_argument("--lpp-json", default=str(ROOT / "benchmarks" / "results" / "lpp.json"))
     args = p.parse_args()
@@ -138,6 +142,12 @@ def main() -> None:
                              Path(tmp) / "f", args.silos)
             lpp = run(link, "lpp", f"{common}{rounds} strategy.name='lpp' {args.lpp_extra}",
                       Path(tmp) / "l", args.silos)
+            if args.keep_adapter:
+                ckpt = (Path(tmp) / "l" / "latest").resolve() / "checkpoints"
+                final = sorted(ckpt.glob("round-*.safetensors"))[-1]
+                Path(args.keep_adapter).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(final, args.keep_adapter)
+                print(f"  kept {final.name} as {args.keep_adapter}")
             again = None if args.no_second_run else run(
                 link,
                 "lpp (second run, 1 round)",
