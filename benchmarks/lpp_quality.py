@@ -131,6 +131,8 @@ def main() -> None:
         expect["data.name"] = args.data
     common += f" {args.extra}"
     rounds = f" num-server-rounds={args.rounds}" if args.rounds else ""
+    if args.rounds:
+        expect["num-server-rounds"] = args.rounds
     with tempfile.TemporaryDirectory(prefix="lpp-quality-") as tmp:
         os.environ["FEDSHIELD_CACHE"] = str(fresh_silo_cache(Path(tmp)))
         link = LocalSimulationSuperLink(Path(tmp) / "flwr-home").start()
@@ -181,7 +183,7 @@ def main() -> None:
             f"({result['fp_vs_fedavg'] * 100:+.2f}% vs fedavg, target <= +3%)",
         ),
         (
-            "lpp silo proxy (NF4 base + 4-bit adapter)",
+            f"lpp silo proxy (NF4 base + {last.get('adapter_bits', 4)}-bit adapter)",
             f"{result['final_eval_loss_silo_proxy']:.4f}"
             f" (IP margin {last['ip_loss_gap']:+.4f} nats, ppl x{last['ip_perplexity_ratio']:.3f})",
         ),
