@@ -90,6 +90,13 @@ def fedavg_from(path: Path, expect: dict[str, object]) -> dict:
     if "rounds" in doc:  # an earlier lpp_quality output: reuse it as it is
         doc = {**doc, "eval_loss_per_round": [r["eval_loss"] for r in doc["rounds"]]}
     want = {**default_flat_config(), **expect}
+    rounds = int(doc["config"].get("num-server-rounds", want["num-server-rounds"]))
+    if want["num-server-rounds"] == 1 and rounds > 1:
+        # round 1 runs at train.learning-rate-max whatever the number of rounds (cosine_lr), so
+        # the first round of a longer fedavg run is this run's fedavg
+        want["num-server-rounds"] = rounds
+        doc = {**doc, "eval_loss_per_round": doc["eval_loss_per_round"][:2]}
+        print(f"  fedavg: round 1 of the {rounds}-round run in {path}")
     differ = {k: (v, want.get(k)) for k, v in doc["config"].items()
               if k != "train.progress" and not k.startswith("lpp.") and want.get(k) != v}
     if differ:
