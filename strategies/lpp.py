@@ -61,6 +61,9 @@ class LppStrategy(LoraFedAvg):
         How the global adapter is quantized for silos.
     server_lr : float
         FedLPP's server step size.
+    correct : callable (round, fp adapter) -> fp adapter, optional
+        The owner's correction step (:mod:`fedshield_flwr.lpp.correct`), applied to the global
+        adapter after every round's update (and server optimizer step).
     **kwargs
         :class:`~strategies.fedavg.LoraFedAvg` arguments (``optimizer``) and
         ``flwr.serverapp.strategy.FedAvg`` arguments.
@@ -68,12 +71,16 @@ class LppStrategy(LoraFedAvg):
 
     def __init__(self, template: Mapping[str, np.ndarray],
                  base_arrays: Callable[[], Mapping[str, np.ndarray]], content_hash: str,
-                 spec: AdapterQuantSpec, server_lr: float = 1.0, **kwargs) -> None:
+                 spec: AdapterQuantSpec, server_lr: float = 1.0,
+                 correct: Callable[[int, OrderedDict[str, np.ndarray]],
+                                   OrderedDict[str, np.ndarray]] | None = None,
+                 **kwargs) -> None:
         super().__init__(template, **kwargs)
         self.delivery = PackageDelivery(base_arrays, content_hash, BASE_RECORD, HASH_KEY, "base")
         self.content_hash = content_hash
         self.spec = spec
         self.server_lr = server_lr
+        self.correct = correct
         self._fp: OrderedDict[str, np.ndarray] | None = None
         self._sent: OrderedDict[str, np.ndarray] | None = None  # de-quantized k-bit adapter
 
@@ -142,7 +149,10 @@ class LppStrategy(LoraFedAvg):
         mean = decode_arrays(merged, "aggregate")
         fp = encode_arrays(lpp_server_update(self._fp, self._sent, [mean], [1.0], self.server_lr))
         # the server optimizer (if any) steps the fp32 global adapter towards FedLPP's result
-        return self.optimizer.step(server_round, self._fp, fp), metrics
+        stepped = self.optimizer.step(server_round, self._fp, fp)
+        if self.correct is not None:  # the owner refits it to the full base on its own rows
+            stepped = encode_arrays(self.correct(server_round, decode_arrays(stepped, "update")))
+        return stepped, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from fedshield_flwr.config import NodeSettings, RunConfig
 from fedshield_flwr.data import cached_silo_data
-from fedshield_flwr.lpp.settings import LppSettings
+from fedshield_flwr.lpp.settings import ADAPTER_BITS, LppSettings
 from fedshield_flwr.models import cache_root
 
 
@@ -117,8 +117,40 @@ def margin_warning(server_round: int, loss_gap: float, min_margin: float) -> str
         return None
     return (f"[round {server_round}] lpp IP margin {loss_gap:+.4f} nats is below "
             f"lpp.min-ip-margin={min_margin:g}: a silo's proxy (quantized base + k-bit adapter) "
-            f"is almost as good as the owner's model; widen it with lpp.clip-search=false, a "
-            f"larger lpp.base-blocksize or a smaller lpp.adapter-bits, or lower the threshold")
+            f"is almost as good as the owner's model; widen it with "
+            f"lpp.margin-action='lower-adapter-bits', lpp.clip-search=false, a larger "
+            f"lpp.base-blocksize or a smaller lpp.adapter-bits, or lower the threshold")
+
+
+def next_adapter_bits(bits: int, loss_gap: float, min_margin: float,
+                      choices: tuple[int, ...] = ADAPTER_BITS) -> int:
+    """The adapter bits for the next round under ``lpp.margin-action='lower-adapter-bits'``.
+
+    One step down the supported widths (8 -> 4 -> 3 -> 2) while the margin is below
+    ``min_margin``; ``bits`` unchanged when it holds, or when ``bits`` is already the lowest.
+    Bits are never raised again within a run: what a silo was sent cannot be taken back.
+    """
+    if min_margin <= 0 or loss_gap >= min_margin:
+        return bits
+    lower = [b for b in choices if b < bits]
+    return max(lower) if lower else bits
+
+
+def owner_rows(cfg: RunConfig, source: str, tokenizer, limit: int | None = None) -> list[dict]:
+    """The tokenized rows of a file, directory or hub data set the coordinator holds.
+
+    Read with the run's ``data.*`` columns, template and length; the first ``limit`` rows
+    (all with ``None``).
+    """
+    from fedshield_flwr.data.load import ColumnMap, load_instruction_dataset
+    from fedshield_flwr.data.partition import tokenize_rows
+
+    d = cfg.data
+    ds = load_instruction_dataset(
+        source, ColumnMap(d.instruction_column, d.input_column, d.response_column))
+    if limit is not None:
+        ds = ds.select(range(min(len(ds), limit)))
+    return tokenize_rows(ds, tokenizer, d)
 
 
 def server_eval_rows(cfg: RunConfig, s: LppSettings, tokenizer, model_path: str) -> list[dict]:
@@ -133,14 +165,7 @@ def server_eval_rows(cfg: RunConfig, s: LppSettings, tokenizer, model_path: str)
 
     cache = cache_root() / "silo-data"
     if s.eval_data:
-        from fedshield_flwr.data.load import ColumnMap, load_instruction_dataset
-        from fedshield_flwr.data.partition import tokenize_rows
-
-        d = cfg.data
-        ds = load_instruction_dataset(
-            s.eval_data, ColumnMap(d.instruction_column, d.input_column, d.response_column))
-        ds = ds.select(range(min(len(ds), 4 * d.max_eval_examples)))
-        return tokenize_rows(ds, tokenizer, d)
+        return owner_rows(cfg, s.eval_data, tokenizer, 4 * cfg.data.max_eval_examples)
     rows: list[dict] = []
     for i in range(s.eval_partitions):
         node = NodeSettings(i, s.eval_partitions)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # the specs' modules import torch; settings are read by every
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 ADAPTER_BITS = (2, 3, 4, 8)
+MARGIN_ACTIONS = ("warn", "lower-adapter-bits")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class LppSettings(Section):
     eval_partitions: int = 3  # with eval_data == "": how many simulated silos to rebuild
     server_eval: bool = True  # measure the IP margin (full vs silo proxy) every round
     min_ip_margin: float = 0.05  # nats: warn when the silo proxy gets closer than this
+    # below min_ip_margin: "warn" only, or also send the next rounds' adapter with fewer bits
+    margin_action: str = "warn"
+    correction_data: str = ""  # the owner's own rows for the correction step ("" = no step)
+    correction_steps: int = 8  # optimizer steps on the full base after every FedLPP update
 
     def validate(self) -> None:
         check(self.quant_type in QUANT_TYPES, "lpp.quant-type", self.quant_type,
@@ -46,6 +51,18 @@ class LppSettings(Section):
         check(self.eval_partitions >= 1, "lpp.eval-partitions", self.eval_partitions, ">= 1")
         check(math.isfinite(self.min_ip_margin) and self.min_ip_margin >= 0,
               "lpp.min-ip-margin", self.min_ip_margin, "nats, finite and >= 0 (0 = never warn)")
+        check(self.margin_action in MARGIN_ACTIONS, "lpp.margin-action", self.margin_action,
+              f"one of {', '.join(MARGIN_ACTIONS)}")
+        check(self.margin_action == "warn" or (self.server_eval and self.min_ip_margin > 0),
+              "lpp.margin-action", self.margin_action,
+              "'warn' unless the margin is measured (lpp.server-eval=true, lpp.min-ip-margin > 0)")
+        check(self.correction_steps >= 0, "lpp.correction-steps", self.correction_steps,
+              ">= 0 (0 = no correction step)")
+
+    @property
+    def corrects(self) -> bool:
+        """Whether the server runs the correction step (it has rows and steps to take)."""
+        return bool(self.correction_data) and self.correction_steps > 0
 
     def base_spec(self) -> BaseQuantSpec:
         """How the server quantizes the base package."""

@@ -83,6 +83,30 @@ def test_server_moves_the_fp_adapter_by_the_mean_progress_over_what_was_sent(
     assert metrics["num-examples"] == 40
 
 
+def test_the_owners_correction_step_runs_on_fedlpps_result_every_round(flower_identity):
+    """The correction callable gets the round and FedLPP's updated adapter; its result is the
+    new global adapter (what the next round quantizes and sends)."""
+    seen = []
+
+    def correct(server_round, fp):
+        seen.append((server_round, {k: v.copy() for k, v in fp.items()}))
+        return OrderedDict((k, v + 1.0) for k, v in fp.items())
+
+    strat = LppStrategy(TEMPLATE, lambda: {"w": np.zeros(8, np.uint8)}, HASH,
+                        AdapterQuantSpec(4, 32), 1.0, correct=correct, min_train_nodes=1,
+                        min_available_nodes=1, min_evaluate_nodes=1)
+    fp = _state(0, 0.01)
+    list(strat.configure_train(2, _arrays(fp), ConfigRecord(), NodeGrid([1], [1])))
+    _, sent = prepare_global_adapter(fp, AdapterQuantSpec(4, 32))
+    a = _state(1, 0.01)
+    new, _ = strat.aggregate_train(2, [_train_reply(1, a, 10, rnd=2)])
+    assert [r for r, _ in seen] == [2]
+    for k in TEMPLATE:
+        updated = fp[k] + (a[k] - sent[k])
+        np.testing.assert_allclose(seen[0][1][k], updated, atol=1e-6)
+        np.testing.assert_allclose(new[k].numpy(), updated + 1.0, atol=1e-6)
+
+
 def test_what_silos_receive_is_a_bit_packed_k_bit_adapter(flower_identity):
     strat = _strategy(bits=3)
     msgs = list(strat.configure_train(2, _arrays(_state(0)), ConfigRecord(),
