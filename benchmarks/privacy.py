@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-rows", type=int, default=24)
     p.add_argument("--split-steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--shield-views", type=int, default=16,
+    p.add_argument("--shield-views", type=int, default=8,
                    help="shield uploads the shield server attacks (its AUC is their mean)")
     p.add_argument("--quick", action="store_true", help="tiny:llama, small grid (a smoke run)")
     p.add_argument("--only", choices=["mia"], default=None,

@@ -205,7 +205,7 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-rows", type=int, default=24, help="held-out silo rows attacked")
     p.add_argument("--split-steps", type=int, default=8, help="split training steps")
     p.add_argument("--no-frontier", action="store_true", help="skip the loss-cost frontier")
-    p.add_argument("--shield-views", type=int, default=16,
+    p.add_argument("--shield-views", type=int, default=8,
                    help="shield uploads the shield server attacks (its AUC is their mean)")
     p.add_argument("--out", default="results/audit", help="directory for audit.json, audit.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -82,7 +82,7 @@ class AuditOptions:
     nn_vocab: int = 0
     frontier: bool = True
     split_grid: bool = True
-    shield_views: int = 16
+    shield_views: int = 8
     progress: bool = True
 
 
