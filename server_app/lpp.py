@@ -132,7 +132,7 @@ class LppMode(ServerMode):
         bits = strategy.spec.bits  # what the silos were sent this round
         _, sent = prepare_global_adapter(fp, strategy.spec)
         set_adapter_state(self._proxy, sent)
-        proxy = evaluate(self._proxy, self._rows, cfg.train.eval_batch_size, pad)
+        proxy = evaluate(self._proxy, rows, cfg.train.eval_batch_size, pad)
         log.info("[round %d] IP margin: server model loss %.4f, silo proxy %.4f (+%.4f nats, "
                  "ppl x%.3f) on %d held-out rows", server_round, full.loss, proxy.loss,
                  proxy.loss - full.loss, proxy.perplexity / full.perplexity, len(rows))

@@ -39,14 +39,13 @@ def downlink_record(records: list[bytes]) -> ArrayRecord:
         (f"record-{i:05d}", Array(as_array(r))) for i, r in enumerate(records)))
 
 
-def server_message(node: int, records: list[bytes] | ArrayRecord, config: Mapping[str, Any],
+def server_message(node: int, downlink: ArrayRecord, config: Mapping[str, Any],
                    message_type: str) -> Message:
     """The message to silo ``node``: the aggregates it lacks and the round's config.
 
-    ``records``: the aggregates as bytes, or their :func:`downlink_record` (shared by the
-    messages of silos that lack the same ones).
+    ``downlink``: those aggregates' :func:`downlink_record`, which the messages of every silo
+    that lacks the same ones share.
     """
-    downlink = records if isinstance(records, ArrayRecord) else downlink_record(records)
     content = RecordDict({DOWNLINK: downlink, CONFIG: ConfigRecord(dict(config))})
     return Message(content=content, message_type=message_type, dst_node_id=node)
 
